@@ -1,0 +1,133 @@
+/**
+ * The store contract (DESIGN section 3). Every store implements it with each
+ * operation atomic on the server side, in one round trip.
+ *
+ * Lifecycle of a record:
+ * ```
+ * absent ──claim──▶ in_progress(token, leaseUntil, fingerprint)
+ * in_progress ──complete(token)──▶ completed(fingerprint, outcome, expiresAt)
+ * in_progress ──release(token)──▶ absent
+ * in_progress, lease expired ──claim (same fingerprint)──▶ in_progress(new token)
+ * completed ──TTL──▶ absent
+ * ```
+ *
+ * @module
+ */
+
+/** Input of {@link IdempotencyStore.claim}. */
+export interface ClaimInput {
+  /** Fingerprint of the request; `null` when fingerprints are not used. */
+  readonly fingerprint: string | null;
+  /** Lease length in milliseconds, measured on the store's clock. */
+  readonly leaseMs: number;
+  /**
+   * Retention of the record from the moment of the claim, in milliseconds.
+   * An in-progress record whose owner vanished is kept this long (it can be
+   * taken over once its lease ends); `complete` sets a fresh retention.
+   */
+  readonly ttlMs: number;
+}
+
+/** A record that finished: its stored outcome is replayed to every later copy. */
+export interface CompletedRecord {
+  readonly state: 'completed';
+  readonly fingerprint: string | null;
+  /** The outcome as the engine serialised it (opaque to the store). */
+  readonly outcome: string;
+  /** When the record stops existing (epoch ms, store clock). */
+  readonly expiresAt: number;
+}
+
+/** A record whose operation is running (or whose owner crashed, until its lease ends). */
+export interface InProgressRecord {
+  readonly state: 'in_progress';
+  readonly fingerprint: string | null;
+  /** When the current lease ends (epoch ms, store clock). */
+  readonly leaseUntil: number;
+  /** When the record stops existing (epoch ms, store clock). */
+  readonly expiresAt: number;
+}
+
+/** What {@link IdempotencyStore.get} returns. */
+export type StoredRecord = CompletedRecord | InProgressRecord;
+
+/** The claim won: this caller owns the record and must run the operation. */
+export interface ClaimAcquired {
+  readonly status: 'acquired';
+  /** Fencing token: every later write must present it. */
+  readonly token: string;
+  /** True when an expired lease of an earlier owner was taken over. */
+  readonly takeover: boolean;
+  /** When the new lease ends (epoch ms, store clock). */
+  readonly leaseUntil: number;
+}
+
+/** The operation already completed; replay its outcome (after checking the fingerprint). */
+export interface ClaimCompleted {
+  readonly status: 'completed';
+  readonly record: CompletedRecord;
+}
+
+/**
+ * Another owner holds the record. Either its lease is live, or the lease
+ * ended but the caller's fingerprint differs, so no takeover happened.
+ */
+export interface ClaimInProgress {
+  readonly status: 'in_progress';
+  readonly fingerprint: string | null;
+  readonly leaseUntil: number;
+  /** The store's clock when it answered (epoch ms), to compute a wait without trusting local clocks. */
+  readonly now: number;
+}
+
+/** The answer of {@link IdempotencyStore.claim}. */
+export type ClaimResult = ClaimAcquired | ClaimCompleted | ClaimInProgress;
+
+/** Optional abilities of a store. */
+export interface StoreCapabilities {
+  /** The store expires records by itself (Redis); `purgeExpired` is then a no-op. */
+  readonly nativeTtl: boolean;
+  /** Lease deadlines come from the server's clock rather than this process. */
+  readonly serverClock: boolean;
+  /** Several processes can share the store. */
+  readonly shared: boolean;
+}
+
+/**
+ * The store contract. Implement it to put idempotency records anywhere; run
+ * `defineStoreConformance` from `oncely/testing` to prove an implementation.
+ *
+ * Rules every implementation follows:
+ * - `claim` is one atomic server-side operation (never read-then-write from the client).
+ * - `renew`, `complete` and `release` change nothing and answer `false` when
+ *   `token` no longer owns the record (it was taken over, released, or expired).
+ * - An expired record is absent to every operation, purged or not.
+ * - Ids are opaque strings of at most 128 characters (oncely passes 64 hex characters).
+ */
+export interface IdempotencyStore {
+  /** Short name for logs and metrics, e.g. `"redis"`. */
+  readonly name: string;
+  /** What this store can do. */
+  readonly capabilities: StoreCapabilities;
+  /** Decide atomically who runs the operation named `id`. */
+  claim(id: string, input: ClaimInput): Promise<ClaimResult>;
+  /**
+   * Claim many ids in one round trip (batches of messages). Results are in
+   * the order of `ids`. Stores without a native batch run `claim` for each.
+   */
+  claimMany?(ids: readonly string[], input: ClaimInput): Promise<ClaimResult[]>;
+  /** Extend the lease of the owner holding `token` to `leaseMs` from now. */
+  renew(id: string, token: string, leaseMs: number): Promise<boolean>;
+  /** Store the outcome and keep the record `ttlMs` from now, if `token` still owns it. */
+  complete(id: string, token: string, outcome: string, ttlMs: number): Promise<boolean>;
+  /** Delete the record, if `token` still owns it, so that a retry runs again. */
+  release(id: string, token: string): Promise<boolean>;
+  /** Read a record (for inspection and waits); `null` when absent or expired. */
+  get(id: string): Promise<StoredRecord | null>;
+  /** Delete a record whatever its state (administration); true when one existed. */
+  delete(id: string): Promise<boolean>;
+  /** Delete up to `limit` expired records; answers how many. No-op with native TTL. */
+  purgeExpired(limit: number): Promise<number>;
+  /** Release resources the store created itself (never the user's client). */
+  close(): Promise<void>;
+}

@@ -1,0 +1,8 @@
+/**
+ * Test kit: the store conformance suite that every oncely store passes, for
+ * proving your own store the same way.
+ *
+ * @module
+ */
+export { defineStoreConformance } from './conformance.js';
+export type { ConformanceRunner, StoreConformanceOptions } from './conformance.js';
