@@ -222,3 +222,65 @@ export function isOncelyError(value: unknown): value is OncelyError {
     typeof (value as { status?: unknown }).status === 'number'
   );
 }
+
+/**
+ * Why an `oncely/client` operation ended without an answer: every attempt
+ * failed on the network, the last attempt timed out, the overall deadline
+ * passed, or fetch failed in a way that is not retried (an invalid URL…).
+ */
+export type ClientFailureReason = 'network' | 'timeout' | 'deadline' | 'unexpected';
+
+/** What a {@link ClientRequestError} knows about the operation that failed. */
+export interface ClientRequestErrorOptions {
+  /** The Idempotency-Key sent on every attempt; undefined when none was sent. */
+  key: string | undefined;
+  /** How many attempts were made. */
+  attempts: number;
+  /** Why the client gave up. */
+  reason: ClientFailureReason;
+  /** The status of the last HTTP answer received, when one was received before the failure. */
+  lastStatus?: number | undefined;
+  /** The error of the last attempt. */
+  cause?: unknown;
+}
+
+/**
+ * An `oncely/client` operation got no HTTP answer it could return: network
+ * failures or timeouts outlasted the retries, or the deadline passed. (HTTP
+ * error statuses are returned as responses, not thrown; a caller's abort
+ * rejects with the abort reason, like fetch.) The operation may or may not
+ * have taken effect: retry it later with the same `key` to find out safely.
+ *
+ * @example
+ * ```ts
+ * import { ClientRequestError } from 'oncely';
+ * try { await client.fetch(url, { method: 'POST', body }); }
+ * catch (e) { if (e instanceof ClientRequestError) console.log(e.key, e.attempts, e.reason, e.cause); }
+ * ```
+ */
+export class ClientRequestError extends OncelyError {
+  /** The Idempotency-Key sent on every attempt (reuse it to retry the operation later). */
+  readonly key: string | undefined;
+  /** How many attempts were made. */
+  readonly attempts: number;
+  /** The status of the last HTTP answer received, if any. */
+  readonly lastStatus: number | undefined;
+  /** Why the client gave up. */
+  readonly reason: ClientFailureReason;
+
+  constructor(detail: string, options: ClientRequestErrorOptions) {
+    const timedOut = options.reason === 'timeout' || options.reason === 'deadline';
+    super(
+      'ONCELY_CLIENT_REQUEST_FAILED',
+      timedOut ? 504 : 502,
+      'client-request-failed',
+      'Downstream request failed',
+      detail,
+      { cause: options.cause },
+    );
+    this.key = options.key;
+    this.attempts = options.attempts;
+    this.lastStatus = options.lastStatus;
+    this.reason = options.reason;
+  }
+}
