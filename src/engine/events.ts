@@ -1,0 +1,72 @@
+/** Every event the engine emits, by name, with what it carries. */
+export interface OncelyEvents {
+  /** A claim was won; the operation runs here. `takeover` when an expired lease was taken over. */
+  acquired: { id: string; takeover: boolean };
+  /** A completed outcome was replayed to a duplicate. */
+  replayed: { id: string };
+  /** A duplicate arrived while the operation was still running. */
+  conflict: { id: string; leaseUntil: number };
+  /** The key was reused with a different request. */
+  mismatch: { id: string };
+  /** The outcome was stored. */
+  stored: { id: string; bytes: number };
+  /** The claim was released so that a retry runs again. */
+  released: { id: string; reason: string };
+  /** A write was refused because this worker no longer owns the record (lease lost or taken over). */
+  fenced: { id: string; operation: 'renew' | 'complete' | 'release' };
+  /** The store failed or timed out. */
+  storeError: { id: string | undefined; operation: string; error: unknown };
+}
+
+/** Names of the engine's events. */
+export type OncelyEventName = keyof OncelyEvents;
+
+/** A listener of one event. */
+export type OncelyListener<E extends OncelyEventName> = (event: OncelyEvents[E]) => void;
+
+/** Something that can be undone: returned by every subscription. */
+export interface Disposable {
+  dispose(): void;
+}
+
+/** Listeners given up front, one optional function per event. */
+export type OncelyHooks = { [E in OncelyEventName]?: OncelyListener<E> };
+
+/**
+ * A minimal typed event emitter. Listener errors are swallowed so that
+ * logging or metrics can never break a request.
+ */
+export class OncelyEmitter {
+  readonly #listeners = new Map<OncelyEventName, Set<(event: never) => void>>();
+
+  constructor(hooks: OncelyHooks = {}) {
+    for (const [name, listener] of Object.entries(hooks)) {
+      if (typeof listener === 'function') this.on(name as OncelyEventName, listener as OncelyListener<OncelyEventName>);
+    }
+  }
+
+  /** Subscribe to one event; dispose the result to unsubscribe. */
+  on<E extends OncelyEventName>(name: E, listener: OncelyListener<E>): Disposable {
+    let set = this.#listeners.get(name);
+    if (set === undefined) {
+      set = new Set();
+      this.#listeners.set(name, set);
+    }
+    const fn = listener as (event: never) => void;
+    set.add(fn);
+    return { dispose: () => set.delete(fn) };
+  }
+
+  /** Emit an event to its listeners. */
+  emit<E extends OncelyEventName>(name: E, event: OncelyEvents[E]): void {
+    const set = this.#listeners.get(name);
+    if (set === undefined) return;
+    for (const listener of set) {
+      try {
+        (listener as OncelyListener<E>)(event);
+      } catch {
+        // A broken listener must not break the request it observes.
+      }
+    }
+  }
+}

@@ -1,0 +1,140 @@
+import { AsyncLocalStorage } from 'node:async_hooks';
+import { ConfigError } from '../errors/index.js';
+import { Engine, type EngineOptions, type WaitOptions } from './engine.js';
+import { fingerprintOf, recordId } from './fingerprint.js';
+
+/** What a wrapped function can learn about its own run (the last argument is not touched; use {@link currentRun}). */
+export interface RunContext {
+  /** The idempotency key. */
+  key: string;
+  /** Record id. */
+  id: string;
+  /** True when an earlier attempt crashed or stalled and this run took over its lease. */
+  takeover: boolean;
+  /** Aborts when the lease is lost. */
+  signal: AbortSignal;
+}
+
+/** Options of {@link idempotent}. */
+export interface IdempotentOptions<A extends unknown[]> extends Partial<EngineOptions> {
+  /** An engine to share; otherwise one is made from these options (then `store` is required). */
+  engine?: Engine;
+  /** The idempotency key of a call, from its arguments. */
+  key: (...args: A) => string;
+  /** Who owns the key (account, tenant). */
+  scope?: (...args: A) => string | undefined;
+  /** Namespace separating this function's keys from others' in a shared store. Default: the function's name. */
+  namespace?: string;
+  /**
+   * What identifies the request behind a key: by default all arguments, so
+   * that the same key with other arguments is refused. A function picks the
+   * fields that matter; `false` disables the check.
+   */
+  fingerprint?: ((...args: A) => unknown) | false;
+  /** Per-call lease override. */
+  leaseMs?: number;
+  /** Retention of results, ms. */
+  ttlMs?: number;
+  /** Wait for a concurrent duplicate instead of throwing `InFlightError`. */
+  wait?: WaitOptions | false;
+  /**
+   * True when a thrown error is final: stored and thrown again to every
+   * duplicate, rather than released for a retry. Default: errors with
+   * `final === true`.
+   */
+  isFinal?: (error: unknown) => boolean;
+}
+
+interface StoredValue {
+  /** Result value, JSON. */
+  v?: unknown;
+  /** The result was `undefined`. */
+  u?: 1;
+  /** A final error: name, message, code. */
+  e?: { name: string; message: string; code?: unknown };
+}
+
+const runs = new AsyncLocalStorage<RunContext>();
+
+/** Inside a function wrapped by {@link idempotent}: its run context (key, lease signal, takeover). */
+export function currentRun(): RunContext | undefined {
+  return runs.getStore();
+}
+
+/**
+ * Make any async function idempotent: a call with a key that already
+ * completed returns the stored result (or throws the stored final error)
+ * without running again; a concurrent call with the same key waits or throws
+ * `InFlightError`; a thrown error releases the key so that a retry runs.
+ * Results are stored as JSON.
+ *
+ * @example
+ * ```ts
+ * import { idempotent } from 'oncely';
+ * import { memoryStore } from 'oncely/stores/memory';
+ *
+ * const charge = idempotent(
+ *   async (req: { id: string; amount: number }) => ({ charged: req.amount }),
+ *   { store: memoryStore(), key: (req) => req.id },
+ * );
+ * await charge({ id: 'evt_1', amount: 5 }); // runs
+ * await charge({ id: 'evt_1', amount: 5 }); // replays { charged: 5 }
+ * ```
+ */
+export function idempotent<A extends unknown[], R>(
+  fn: (...args: A) => Promise<R>,
+  options: IdempotentOptions<A>,
+): (...args: A) => Promise<R> {
+  const engine =
+    options.engine ??
+    (options.store
+      ? new Engine(options as EngineOptions)
+      : (() => {
+          throw new ConfigError('idempotent() needs a store or an engine.');
+        })());
+  const namespace = options.namespace ?? `fn:${fn.name}`;
+  const fingerprint = options.fingerprint;
+  const isFinal = options.isFinal ?? ((error: unknown) => (error as { final?: unknown } | null)?.final === true);
+
+  return async function idempotentCall(...args: A): Promise<R> {
+    const key = options.key(...args);
+    if (typeof key !== 'string' || key.length === 0) throw new ConfigError('The key function must return a non-empty string.');
+    const id = recordId(key, options.scope?.(...args) ?? '', namespace);
+    const fp = fingerprint === false ? null : fingerprintOf(fingerprint ? fingerprint(...args) : args);
+    const begun = await engine.begin({ id, fingerprint: fp, leaseMs: options.leaseMs, ttlMs: options.ttlMs, wait: options.wait });
+    if (begun.kind === 'replay') return revive<R>(begun.record.outcome);
+    if (begun.kind === 'bypass') return fn(...args);
+    const { claim } = begun;
+    let result: R;
+    try {
+      result = await runs.run({ key, id, takeover: claim.takeover, signal: claim.signal }, () => fn(...args));
+    } catch (error) {
+      if (isFinal(error)) {
+        const e = error as { name?: unknown; message?: unknown; code?: unknown };
+        const stored: StoredValue = {
+          e: { name: String(e?.name ?? 'Error'), message: String(e?.message ?? error), code: e?.code },
+        };
+        await claim.complete(JSON.stringify(stored));
+      } else {
+        await claim.release('thrown error');
+      }
+      throw error;
+    }
+    const stored: StoredValue = result === undefined ? { u: 1 } : { v: result };
+    await claim.complete(JSON.stringify(stored));
+    return result;
+  };
+}
+
+function revive<R>(outcome: string): R {
+  const stored = JSON.parse(outcome) as StoredValue;
+  if (stored.e) {
+    const error = new Error(stored.e.message) as Error & { code?: unknown; replayed: true; final: true };
+    error.name = stored.e.name;
+    if (stored.e.code !== undefined) error.code = stored.e.code;
+    error.replayed = true;
+    error.final = true;
+    throw error;
+  }
+  return (stored.u ? undefined : stored.v) as R;
+}

@@ -1,0 +1,251 @@
+/**
+ * `Idempotency-Key` middleware for Express 4 and 5.
+ *
+ * @example
+ * ```ts
+ * import express from 'express';
+ * import { idempotency } from 'oncely/express';
+ * import { memoryStore } from 'oncely/stores/memory';
+ *
+ * const app = express();
+ * app.use(idempotency({ store: memoryStore(), scope: (req) => req.get('x-account') }));
+ * app.post('/payments', express.json(), (req, res) => res.status(201).json({ id: 'pay_1' }));
+ * ```
+ * @module
+ */
+import type { IncomingMessage, OutgoingHttpHeaders, ServerResponse } from 'node:http';
+import type { NextFunction, Request, Response } from 'express';
+import { BodyInvalidError, BodyTooLargeError, isOncelyError } from '../errors/index.js';
+import {
+  type HttpFinish,
+  HttpIdempotency,
+  type HttpIdempotencyOptions,
+  type HttpRequestView,
+  type HttpRun,
+  type IdempotencyContext,
+} from '../http/core.js';
+import type { HttpResponse } from '../http/outcome.js';
+
+export type { IdempotencyContext, RouteOverrides } from '../http/core.js';
+export type { OutcomeDecision } from '../http/policy.js';
+
+declare global {
+  namespace Express {
+    interface Request {
+      /** The idempotent run of this request, when there is one (oncely). */
+      idempotency?: IdempotencyContext;
+    }
+  }
+}
+
+/** Options of {@link idempotency}: see {@link HttpIdempotencyOptions}. */
+export type ExpressIdempotencyOptions = HttpIdempotencyOptions<Request>;
+
+type Body = HttpRequestView<Request>['body'];
+
+function hasBody(req: IncomingMessage): boolean {
+  const length = req.headers['content-length'];
+  return req.headers['transfer-encoding'] !== undefined || (length !== undefined && length !== '0');
+}
+
+function isJson(type: string | undefined): boolean {
+  return type !== undefined && /^application\/([\w.+-]*\+)?json\b/i.test(type);
+}
+
+/** Read the body ourselves (no body parser ran before oncely), within `limit` bytes. */
+async function readBody(req: Request, limit: number): Promise<Body> {
+  const declared = Number(req.headers['content-length']);
+  if (Number.isFinite(declared) && declared > limit) throw new BodyTooLargeError(limit);
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of req as AsyncIterable<Buffer>) {
+    size += chunk.length;
+    if (size > limit) throw new BodyTooLargeError(limit);
+    chunks.push(chunk);
+  }
+  const raw = Buffer.concat(chunks);
+  const type = req.headers['content-type'];
+  // Mark the body parsed so that body parsers mounted later leave it alone.
+  (req as { _body?: boolean })._body = true;
+  if (isJson(type)) {
+    let parsed: unknown;
+    try {
+      parsed = raw.length === 0 ? undefined : JSON.parse(raw.toString('utf8'));
+    } catch (error) {
+      throw new BodyInvalidError('The request body is not valid JSON.', { cause: error });
+    }
+    req.body = parsed;
+    return parsed === undefined ? undefined : { json: parsed };
+  }
+  if (type !== undefined && /^application\/x-www-form-urlencoded\b/i.test(type)) {
+    req.body = Object.fromEntries(new URLSearchParams(raw.toString('utf8')));
+  } else {
+    req.body = raw;
+  }
+  return { raw };
+}
+
+function parsedBody(req: Request): Body {
+  const body: unknown = req.body;
+  if (body === undefined || body === null) return undefined;
+  if (typeof body === 'string' || body instanceof Uint8Array) return { raw: body };
+  return { json: body };
+}
+
+function send(res: Response, response: HttpResponse): void {
+  res.statusCode = response.status;
+  for (const [name, value] of response.headers) res.setHeader(name, value);
+  res.end(typeof response.body === 'string' ? response.body : Buffer.from(response.body));
+}
+
+function headerEntries(headers: OutgoingHttpHeaders): Array<[string, string]> {
+  const out: Array<[string, string]> = [];
+  for (const [name, value] of Object.entries(headers)) {
+    if (value === undefined) continue;
+    out.push([name, Array.isArray(value) ? value.join(', ') : String(value)]);
+  }
+  return out;
+}
+
+type WriteCallback = (error?: Error | null) => void;
+type Chunk = string | Uint8Array;
+
+function toBuffer(chunk: Chunk, encoding?: BufferEncoding): Buffer {
+  return typeof chunk === 'string' ? Buffer.from(chunk, encoding ?? 'utf8') : Buffer.from(chunk);
+}
+
+/**
+ * Hold the handler's response (status, headers, body, however it is written)
+ * until the outcome is stored, then send it. A body over `maxStoredBytes`
+ * streams out as it comes and completes with a marker instead.
+ */
+function capture(res: ServerResponse, core: HttpIdempotency<Request>, run: HttpRun): void {
+  const original = { writeHead: res.writeHead, write: res.write, end: res.end, flushHeaders: res.flushHeaders };
+  // Loosely typed views of the originals, for calling them with the arguments we hold.
+  const rawWrite = original.write as (this: ServerResponse, ...args: unknown[]) => boolean;
+  const rawEnd = original.end as (this: ServerResponse, ...args: unknown[]) => ServerResponse;
+  const chunks: Buffer[] = [];
+  let size = 0;
+  let streaming = false;
+  const restore = (): void => {
+    res.writeHead = original.writeHead;
+    res.write = original.write;
+    res.end = original.end;
+    res.flushHeaders = original.flushHeaders;
+  };
+  const startStreaming = (): void => {
+    streaming = true;
+    res.writeHead = original.writeHead;
+    res.flushHeaders = original.flushHeaders;
+    for (const chunk of chunks.splice(0)) rawWrite.call(res, chunk);
+  };
+
+  res.writeHead = function writeHead(this: ServerResponse, status: number, ...rest: unknown[]) {
+    this.statusCode = status;
+    let headers = rest[0];
+    if (typeof headers === 'string') {
+      this.statusMessage = headers;
+      headers = rest[1];
+    }
+    if (Array.isArray(headers)) {
+      // Either [[name, value], …] or a flat [name, value, name, value, …].
+      if (Array.isArray(headers[0])) for (const [n, v] of headers as string[][]) this.setHeader(n!, v!);
+      else for (let i = 0; i + 1 < headers.length; i += 2) this.setHeader(String(headers[i]), String(headers[i + 1]));
+    } else if (headers && typeof headers === 'object') {
+      for (const [n, v] of Object.entries(headers)) if (v !== undefined) this.setHeader(n, v as string);
+    }
+    return this;
+  } as ServerResponse['writeHead'];
+
+  res.flushHeaders = function flushHeaders() {} as ServerResponse['flushHeaders'];
+
+  res.write = function write(this: ServerResponse, chunk: Chunk, encoding?: BufferEncoding | WriteCallback, cb?: WriteCallback) {
+    if (typeof encoding === 'function') {
+      cb = encoding;
+      encoding = undefined;
+    }
+    if (streaming) return rawWrite.call(this, chunk, encoding, cb);
+    const buffer = toBuffer(chunk, encoding);
+    chunks.push(buffer);
+    size += buffer.length;
+    if (size > core.maxStoredBytes) startStreaming();
+    if (cb) process.nextTick(cb);
+    return true;
+  } as ServerResponse['write'];
+
+  res.end = function end(this: ServerResponse, chunk?: Chunk | (() => void), encoding?: BufferEncoding | (() => void), cb?: () => void) {
+    if (typeof chunk === 'function') {
+      cb = chunk;
+      chunk = undefined;
+    } else if (typeof encoding === 'function') {
+      cb = encoding;
+      encoding = undefined;
+    }
+    let tail: Buffer | undefined;
+    if (chunk !== undefined && chunk !== null) {
+      tail = toBuffer(chunk, encoding as BufferEncoding | undefined);
+      if (!streaming) {
+        chunks.push(tail);
+        size += tail.length;
+        if (size > core.maxStoredBytes) {
+          chunks.pop();
+          startStreaming();
+        } else tail = undefined;
+      }
+    }
+    restore();
+    const headers = headerEntries(this.getHeaders());
+    const finished: HttpFinish = streaming
+      ? { kind: 'unstorable', status: this.statusCode, headers }
+      : { kind: 'response', response: { status: this.statusCode, headers, body: Buffer.concat(chunks) } };
+    const body = streaming ? tail : Buffer.concat(chunks);
+    void core.finish(run, finished).finally(() => {
+      if (body === undefined) rawEnd.call(this, cb);
+      else rawEnd.call(this, body, cb);
+    });
+    return this;
+  } as ServerResponse['end'];
+}
+
+/**
+ * Make POST and PATCH requests (by default) idempotent by their
+ * `Idempotency-Key`. Mount it before the handlers it protects, after
+ * authentication (the scope usually comes from it). It reads and parses the
+ * body itself when no body parser ran before it (JSON and URL-encoded;
+ * others as a Buffer), within `maxBodyBytes`.
+ */
+export function idempotency(options: ExpressIdempotencyOptions) {
+  const core = new HttpIdempotency<Request>(options);
+  return async function oncelyExpress(req: Request, res: Response, next: NextFunction): Promise<void> {
+    if (!core.applies(req.method)) return next();
+    let run: HttpRun;
+    try {
+      const alreadyParsed = (req as { _body?: boolean })._body === true;
+      const body = alreadyParsed ? parsedBody(req) : hasBody(req) ? await readBody(req, core.maxBodyBytes) : parsedBody(req);
+      const url = req.originalUrl ?? req.url;
+      const q = url.indexOf('?');
+      const begun = await core.begin({
+        raw: req,
+        method: req.method,
+        path: q < 0 ? url : url.slice(0, q),
+        query: q < 0 ? '' : url.slice(q + 1),
+        header: (name) => req.headersDistinct[name],
+        body,
+      });
+      if (begun.kind === 'pass') return next();
+      if (begun.kind === 'respond') return send(res, begun.response);
+      run = begun.run;
+    } catch (error) {
+      if (isOncelyError(error)) {
+        if (error instanceof BodyTooLargeError) res.setHeader('connection', 'close');
+        return send(res, core.problem(error));
+      }
+      return next(error);
+    }
+    req.idempotency = run.context;
+    capture(res, core, run);
+    next();
+  };
+}
+
+export default idempotency;

@@ -1,0 +1,312 @@
+import { type Claim, Engine, type EngineOptions, type WaitOptions } from '../engine/engine.js';
+import { type FingerprintInput, fingerprintOf, fingerprintV1, recordId } from '../engine/fingerprint.js';
+import { parseIdempotencyKey } from '../engine/key.js';
+import {
+  AlreadyProcessedError,
+  ConfigError,
+  isOncelyError,
+  KeyMissingError,
+  NotReplayableError,
+  type OncelyError,
+  ScopeMissingError,
+  StoreUnavailableError,
+} from '../errors/index.js';
+import { decodeOutcome, encodeOutcome, type HttpResponse } from './outcome.js';
+import { DEFAULT_REPLAY_HEADERS, defaultOutcomePolicy, NEVER_REPLAYED, type OutcomeDecision } from './policy.js';
+import { problemResponse } from './problem.js';
+
+/** The response header that marks a replay. */
+export const REPLAYED_HEADER = 'idempotent-replayed';
+/** The request header carrying the key. */
+export const KEY_HEADER = 'idempotency-key';
+
+/**
+ * Options shared by the Express, Fastify and fetch front doors. `R` is the
+ * framework's request type, given to `scope` and `fingerprint`.
+ */
+export interface HttpIdempotencyOptions<R> extends Partial<EngineOptions> {
+  /** An engine to share between front doors; otherwise one is made from these options (`store` required). */
+  engine?: Engine;
+  /** Methods that are made idempotent; others pass through. Default `['POST', 'PATCH']`. */
+  methods?: readonly string[];
+  /** Refuse requests without a key (400). Default `true`. With `false` they pass through untouched. */
+  required?: boolean;
+  /** A pattern the key must match in full (for example a UUID). */
+  keyPattern?: RegExp;
+  /**
+   * Who owns the key (account, tenant), from the request. Decided by the
+   * server, never the client. Return `undefined` to refuse the request
+   * (400, scope missing). Set `false` to declare keys global on purpose;
+   * leaving it out logs a warning once.
+   */
+  scope?: ((request: R) => string | undefined | Promise<string | undefined>) | false;
+  /** Separates this middleware's records from others' in a shared store. */
+  namespace?: string;
+  /**
+   * Fingerprint of a request: `'v1'` (default: method, path, sorted query,
+   * canonical JSON or raw body, chosen headers), a function choosing what
+   * identifies the request, or `false` for none.
+   */
+  fingerprint?: 'v1' | false | ((request: R) => unknown);
+  /** Request headers included in the v1 fingerprint. */
+  fingerprintHeaders?: readonly string[];
+  /**
+   * `'replay'` (default) stores the response and replays it; `'constraint'`
+   * keeps only key and fingerprint, and a duplicate is told it was already processed.
+   */
+  strategy?: 'replay' | 'constraint';
+  /**
+   * Hash-based keys: when a request has no key, derive one from its scope
+   * and fingerprint, deduplicating identical requests within `windowMs`.
+   */
+  keyFromFingerprint?: { windowMs: number } | false;
+  /** Extra response headers to replay (names). */
+  replayHeaders?: readonly string[];
+  /** Largest response body stored for replay, bytes. Larger ones complete with a marker. Default 1 MiB. */
+  maxStoredBytes?: number;
+  /** Largest request body read when oncely reads the body itself, bytes. Default 1 MiB. */
+  maxBodyBytes?: number;
+  /** Outcome policy by status; the default stores 2xx–4xx except 401, 403, 408, 409, 425, 429. */
+  outcome?: (status: number) => OutcomeDecision;
+  /** Where the missing-scope warning goes. Default `console`. */
+  logger?: { warn(message: string): void };
+}
+
+/** What a handler can see and decide about its own idempotent run. */
+export interface IdempotencyContext {
+  /** The key (derived from the fingerprint when hash-based keys applied). */
+  readonly key: string;
+  /** Record id: stable per (scope, key); usable as a unique business key. */
+  readonly id: string;
+  /** True when an earlier attempt crashed or stalled and this run took over. */
+  readonly takeover: boolean;
+  /** Aborts when the lease is lost: the response will not be stored. */
+  readonly signal: AbortSignal;
+  /** Override the outcome policy for this response. */
+  decide(decision: OutcomeDecision): void;
+}
+
+/** Settings a single route may change. */
+export interface RouteOverrides {
+  /** Retention of this route's outcomes, ms. */
+  ttlMs?: number;
+  /** Lease for this route, ms. */
+  leaseMs?: number;
+  /** Wait for in-flight duplicates on this route. */
+  wait?: WaitOptions | false;
+}
+
+/** A request as the core sees it: each front door fills this in. */
+export interface HttpRequestView<R> {
+  raw: R;
+  method: string;
+  path: string;
+  query: string;
+  /** All field lines of a request header (lower-case name). */
+  header(name: string): string[] | undefined;
+  /** The body for the fingerprint. */
+  body: FingerprintInput['body'];
+}
+
+/** An idempotent run in progress, handed back to the front door. */
+export interface HttpRun {
+  readonly claim: Claim | null;
+  readonly context: IdempotencyContext;
+  /** @internal */ decision: OutcomeDecision | undefined;
+  /** @internal */ readonly ttlMs: number | undefined;
+}
+
+/** What a front door does with a request. */
+export type HttpBegin =
+  | { kind: 'pass' }
+  | { kind: 'respond'; response: HttpResponse }
+  | { kind: 'run'; run: HttpRun };
+
+/** What a front door captured of the handler's response. */
+export type HttpFinish =
+  | { kind: 'response'; response: HttpResponse }
+  /** The body was streamed or exceeded `maxStoredBytes`: only status and headers are known. */
+  | { kind: 'unstorable'; status: number; headers: Array<[string, string]> };
+
+const neverAborted = new AbortController().signal;
+const warned = new WeakSet<object>();
+
+/**
+ * The protocol logic shared by every HTTP front door: key and scope, the
+ * fingerprint, the claim, replays and problem responses, and the outcome
+ * policy. Front doors only translate their framework's request and response.
+ */
+export class HttpIdempotency<R> {
+  readonly engine: Engine;
+  readonly maxStoredBytes: number;
+  readonly maxBodyBytes: number;
+  readonly #methods: ReadonlySet<string>;
+  readonly #options: HttpIdempotencyOptions<R>;
+  readonly #replayHeaders: ReadonlySet<string>;
+  readonly #policy: (status: number) => OutcomeDecision;
+  readonly #fingerprintHeaders: readonly string[];
+
+  constructor(options: HttpIdempotencyOptions<R>) {
+    this.#options = options;
+    this.engine = options.engine ?? this.#makeEngine(options);
+    this.#methods = new Set((options.methods ?? ['POST', 'PATCH']).map((m) => m.toUpperCase()));
+    this.#replayHeaders = new Set(
+      [...DEFAULT_REPLAY_HEADERS, ...(options.replayHeaders ?? []).map((h) => h.toLowerCase())].filter(
+        (h) => !NEVER_REPLAYED.has(h),
+      ),
+    );
+    this.#policy = options.outcome ?? defaultOutcomePolicy;
+    this.#fingerprintHeaders = (options.fingerprintHeaders ?? []).map((h) => h.toLowerCase());
+    this.maxStoredBytes = options.maxStoredBytes ?? 1024 * 1024;
+    this.maxBodyBytes = options.maxBodyBytes ?? 1024 * 1024;
+    if (options.keyFromFingerprint && options.fingerprint === false) {
+      throw new ConfigError('keyFromFingerprint needs a fingerprint.');
+    }
+    if (options.scope === undefined && !warned.has(this.engine)) {
+      warned.add(this.engine);
+      (options.logger ?? console).warn(
+        'oncely: no `scope` configured, so Idempotency-Keys are global across all callers. ' +
+          'Pass `scope: (req) => accountId`, or `scope: false` to confirm global keys.',
+      );
+    }
+  }
+
+  #makeEngine(options: HttpIdempotencyOptions<R>): Engine {
+    if (!options.store) throw new ConfigError('oncely needs a `store` or an `engine`.');
+    return new Engine(options as EngineOptions);
+  }
+
+  /** True when this method is made idempotent. */
+  applies(method: string): boolean {
+    return this.#methods.has(method);
+  }
+
+  /** Decide what happens to a request: pass it on, answer it now, or run it under a claim. */
+  async begin(view: HttpRequestView<R>, overrides: RouteOverrides = {}): Promise<HttpBegin> {
+    try {
+      return await this.#begin(view, overrides);
+    } catch (error) {
+      if (isOncelyError(error)) return { kind: 'respond', response: problemResponse(error) };
+      throw error;
+    }
+  }
+
+  async #begin(view: HttpRequestView<R>, overrides: RouteOverrides): Promise<HttpBegin> {
+    const options = this.#options;
+    let key = parseIdempotencyKey(view.header(KEY_HEADER), { pattern: options.keyPattern });
+    let ttlMs = overrides.ttlMs;
+    if (key === undefined && !options.keyFromFingerprint) {
+      if (options.required === false) return { kind: 'pass' };
+      throw new KeyMissingError();
+    }
+    const fingerprint = await this.#fingerprint(view);
+    if (key === undefined) {
+      // Hash-based key: identical requests within the window are one operation.
+      key = `fp:${fingerprint}`;
+      ttlMs = options.keyFromFingerprint ? options.keyFromFingerprint.windowMs : ttlMs;
+    }
+    let scope = '';
+    if (options.scope) {
+      const s = await options.scope(view.raw);
+      if (s === undefined || s === '') throw new ScopeMissingError();
+      scope = s;
+    }
+    const id = recordId(key, scope, options.namespace);
+    const begun = await this.engine.begin({
+      id,
+      fingerprint,
+      ttlMs,
+      leaseMs: overrides.leaseMs ?? options.leaseMs,
+      wait: overrides.wait ?? options.wait,
+    });
+    if (begun.kind === 'replay') return { kind: 'respond', response: this.#replay(begun.record.outcome) };
+    const claim = begun.kind === 'run' ? begun.claim : null;
+    const run: HttpRun = {
+      claim,
+      decision: undefined,
+      ttlMs,
+      context: {
+        key,
+        id,
+        takeover: claim?.takeover ?? false,
+        signal: claim?.signal ?? neverAborted,
+        decide(decision) {
+          run.decision = decision;
+        },
+      },
+    };
+    return { kind: 'run', run };
+  }
+
+  async #fingerprint(view: HttpRequestView<R>): Promise<string | null> {
+    const option = this.#options.fingerprint ?? 'v1';
+    if (option === false) return null;
+    if (typeof option === 'function') return fingerprintOf(await option(view.raw));
+    const headers: Array<[string, string]> = [];
+    for (const name of this.#fingerprintHeaders) headers.push([name, (view.header(name) ?? []).join(', ')]);
+    return fingerprintV1({ method: view.method, path: view.path, query: view.query, body: view.body, headers });
+  }
+
+  #replay(stored: string): HttpResponse {
+    const outcome = decodeOutcome(stored);
+    if (outcome.kind === 'processed') return problemResponse(new AlreadyProcessedError());
+    if (outcome.kind === 'marker') return problemResponse(new NotReplayableError(outcome.status, outcome.location));
+    const { response } = outcome;
+    return { status: response.status, headers: [...response.headers, [REPLAYED_HEADER, 'true']], body: response.body };
+  }
+
+  /** Keep only the headers that are replayed. */
+  replayable(headers: Iterable<[string, string]>): Array<[string, string]> {
+    const kept: Array<[string, string]> = [];
+    for (const [name, value] of headers) {
+      const lower = name.toLowerCase();
+      if (this.#replayHeaders.has(lower)) kept.push([lower, value]);
+    }
+    return kept;
+  }
+
+  /**
+   * Settle a run once the handler's response is known: store it (per the
+   * outcome policy) before it is sent, or release the claim. Never throws: a
+   * store failure here is reported as an event and the response still goes out.
+   */
+  async finish(run: HttpRun, finished: HttpFinish): Promise<void> {
+    const { claim } = run;
+    if (claim === null) return;
+    const status = finished.kind === 'response' ? finished.response.status : finished.status;
+    const decision = run.decision ?? this.#policy(status);
+    if (decision === 'release') {
+      await claim.release(`status ${status}`);
+      return;
+    }
+    let outcome: string;
+    if (this.#options.strategy === 'constraint') outcome = encodeOutcome({ kind: 'processed', status });
+    else if (finished.kind === 'unstorable') {
+      const location = finished.headers.find(([name]) => name.toLowerCase() === 'location')?.[1];
+      outcome = encodeOutcome({ kind: 'marker', status, location });
+    } else {
+      const { response } = finished;
+      outcome = encodeOutcome({
+        kind: 'response',
+        response: { status, headers: this.replayable(response.headers), body: response.body },
+      });
+    }
+    try {
+      await claim.complete(outcome, run.ttlMs);
+    } catch (error) {
+      // The effect happened; the caller still gets its answer. The record
+      // stays in progress until its lease ends (see docs/http.md).
+      if (!(error instanceof StoreUnavailableError)) throw error;
+    }
+  }
+
+  /** Release a run whose handler failed without producing a response. */
+  async abandon(run: HttpRun, reason: string): Promise<void> {
+    await run.claim?.release(reason);
+  }
+
+  /** The problem response for an oncely error. */
+  problem(error: OncelyError): HttpResponse {
+    return problemResponse(error);
+  }
+}
