@@ -1,0 +1,315 @@
+/**
+ * PostgreSQL store over the user's own `pg` Pool or Client.
+ *
+ * - `claim` is one statement: `INSERT … ON CONFLICT (id) DO UPDATE … WHERE
+ *   <expired, or lease expired with the same fingerprint> RETURNING`, with a
+ *   `UNION ALL` that reports the existing record in the same round trip.
+ * - Every deadline comes from the server's clock (`clock_timestamp()`), so
+ *   clock skew between application servers changes nothing.
+ * - Every statement is a named prepared statement: after the first use on a
+ *   connection, each operation is one Bind/Execute round trip.
+ * - Outcomes are stored as `bytea` (UTF-8): PostgreSQL `text` cannot hold
+ *   U+0000, which a serialised outcome may contain.
+ *
+ * @example
+ * ```ts
+ * import pg from 'pg';
+ * import { migratePostgres, postgresStore } from 'oncely/stores/postgres';
+ *
+ * const pool = new pg.Pool({ connectionString: process.env.DATABASE_URL, connectionTimeoutMillis: 2000 });
+ * await migratePostgres(pool);
+ * const store = postgresStore({ pool });
+ * ```
+ * @module
+ */
+import { createHash } from 'node:crypto';
+import type {
+  ClaimInput,
+  ClaimResult,
+  CompletedRecord,
+  IdempotencyStore,
+  StoreCapabilities,
+  StoredRecord,
+} from '../engine/store.js';
+import { newToken } from '../engine/token.js';
+import { ConfigError, StoreUnavailableError } from '../errors/index.js';
+
+/** A query as `pg` accepts it: a `name` makes it a prepared statement, reused per connection. */
+export interface PgQueryConfig {
+  name?: string;
+  text: string;
+  values?: unknown[];
+}
+
+/** What `pg` answers to a query (only what the store reads). */
+export interface PgQueryResult {
+  rows: Record<string, unknown>[];
+  rowCount: number | null;
+}
+
+/**
+ * The part of a `pg` Pool or Client the store uses. Declared here so that
+ * oncely does not depend on `pg`; any object of this shape works.
+ *
+ * @example
+ * ```ts
+ * import pg from 'pg';
+ * import type { PgQueryable } from 'oncely/stores/postgres';
+ * const pool: PgQueryable = new pg.Pool();
+ * ```
+ */
+export interface PgQueryable {
+  query(config: PgQueryConfig): Promise<PgQueryResult>;
+}
+
+/** Options of {@link postgresStore}. */
+export interface PostgresStoreOptions {
+  /** The user's `pg` Pool (or Client); the store never ends it. */
+  pool: PgQueryable;
+  /** Schema of the table; default: the connection's `search_path`. */
+  schema?: string;
+  /** Table name. Default `oncely_records`. */
+  table?: string;
+}
+
+/** Options of {@link migratePostgres} and {@link postgresSchemaSql}. */
+export interface PostgresMigrateOptions {
+  /** Schema of the table, created when missing; default: the connection's `search_path`. */
+  schema?: string;
+  /** Table name. Default `oncely_records`. */
+  table?: string;
+}
+
+/** The store {@link postgresStore} returns. */
+export interface PostgresStore extends IdempotencyStore {
+  /** The quoted, schema-qualified table name the store uses. */
+  readonly table: string;
+}
+
+const CAPABILITIES: StoreCapabilities = { nativeTtl: false, serverClock: true, shared: true };
+const IDENTIFIER = /^[A-Za-z_][A-Za-z0-9_]{0,62}$/;
+/** The server's clock in epoch ms, as a one-row subquery: read once per statement. */
+const NOW_FROM = '(SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ms)';
+/** The server's clock in epoch ms, as a scalar subquery (an init plan, evaluated once). */
+const NOW = '(SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint)';
+/**
+ * How often `claim` re-runs its statement when the statement's snapshot
+ * missed a row that a concurrent transaction committed meanwhile. One re-run
+ * settles it in practice; the bound only stops a pathological livelock.
+ */
+const MAX_CLAIM_ATTEMPTS = 8;
+const IN_PROGRESS = 0;
+const COMPLETED = 1;
+
+function identifier(kind: string, name: string): string {
+  if (!IDENTIFIER.test(name)) {
+    throw new ConfigError(`PostgreSQL ${kind} name ${JSON.stringify(name)} must be 1 to 63 letters, digits and underscores.`);
+  }
+  return `"${name}"`;
+}
+
+function qualified(options: PostgresMigrateOptions): { table: string; index: string; schema: string | undefined } {
+  const name = options.table ?? 'oncely_records';
+  const table = identifier('table', name);
+  const schema = options.schema === undefined ? undefined : identifier('schema', options.schema);
+  const index = `"${`${name}_expires_at_idx`.slice(0, 63)}"`;
+  return { table: schema === undefined ? table : `${schema}.${table}`, index, schema };
+}
+
+/**
+ * The SQL that creates the store's table and index (idempotent): run it
+ * yourself in a migration tool, or call {@link migratePostgres}.
+ *
+ * @example
+ * ```ts
+ * import { postgresSchemaSql } from 'oncely/stores/postgres';
+ * console.log(postgresSchemaSql({ schema: 'app', table: 'oncely_records' }));
+ * ```
+ */
+export function postgresSchemaSql(options: PostgresMigrateOptions = {}): string {
+  const { table, index, schema } = qualified(options);
+  return `${schema === undefined ? '' : `CREATE SCHEMA IF NOT EXISTS ${schema};\n`}CREATE TABLE IF NOT EXISTS ${table} (
+  id          varchar(128) PRIMARY KEY,
+  state       smallint     NOT NULL,          -- 0 in progress, 1 completed
+  token       text,                           -- fencing token of the current owner
+  fingerprint text,
+  lease_until bigint       NOT NULL,          -- epoch ms, server clock
+  expires_at  bigint       NOT NULL,          -- epoch ms, server clock
+  takeover    boolean      NOT NULL DEFAULT false, -- the current owner took over an expired lease
+  outcome     bytea                           -- UTF-8 of the stored outcome
+);
+CREATE INDEX IF NOT EXISTS ${index} ON ${table} (expires_at);`;
+}
+
+/**
+ * Create the store's table and index when missing, in one transaction held
+ * under an advisory lock (so that several processes starting at once do not
+ * race on `CREATE TABLE`).
+ *
+ * @example
+ * ```ts
+ * import pg from 'pg';
+ * import { migratePostgres } from 'oncely/stores/postgres';
+ * await migratePostgres(new pg.Pool(), { schema: 'app', table: 'oncely_records' });
+ * ```
+ */
+export async function migratePostgres(pool: PgQueryable, options: PostgresMigrateOptions = {}): Promise<void> {
+  const { table } = qualified(options);
+  const lockKey = table.replace(/'/g, "''");
+  // No values: pg sends a simple query, which runs its statements in one implicit transaction.
+  await pool.query({
+    text: `SELECT pg_advisory_xact_lock(hashtext('oncely:migrate:${lockKey}'));\n${postgresSchemaSql(options)}`,
+  });
+}
+
+interface ClaimRow {
+  won: boolean;
+  takeover: boolean;
+  state: number | null;
+  fingerprint: string | null;
+  lease_until: string;
+  expires_at: string | null;
+  outcome: Buffer | null;
+  now: string;
+}
+
+interface RecordRow {
+  state: number;
+  fingerprint: string | null;
+  lease_until: string;
+  expires_at: string;
+  outcome: Buffer | null;
+}
+
+/**
+ * Create a PostgreSQL store over the user's `pg` Pool or Client. The table
+ * must exist: see {@link migratePostgres}.
+ *
+ * @example
+ * ```ts
+ * import pg from 'pg';
+ * import { postgresStore } from 'oncely/stores/postgres';
+ *
+ * const pool = new pg.Pool({ connectionTimeoutMillis: 2000, query_timeout: 2000 });
+ * pool.on('error', () => {}); // idle connections dropped by a failover must not crash the process
+ * const store = postgresStore({ pool, schema: 'app' });
+ * ```
+ */
+export function postgresStore(options: PostgresStoreOptions): PostgresStore {
+  const { pool } = options;
+  const { table: t } = qualified(options);
+  // Prepared statement names are per connection and at most 63 bytes: a
+  // short hash of the table keeps two stores on two tables apart.
+  const prefix = `oncely_${createHash('sha256').update(t).digest('hex').slice(0, 12)}_`;
+
+  const claimSql = `WITH n AS ${NOW_FROM},
+ins AS (
+  INSERT INTO ${t} AS r (id, state, token, fingerprint, lease_until, expires_at, takeover, outcome)
+  SELECT $1, ${IN_PROGRESS}, $2, $3, n.ms + $4::bigint, n.ms + greatest($4::bigint, $5::bigint), false, NULL FROM n
+  ON CONFLICT (id) DO UPDATE SET
+    state = ${IN_PROGRESS},
+    token = EXCLUDED.token,
+    fingerprint = EXCLUDED.fingerprint,
+    lease_until = EXCLUDED.lease_until,
+    expires_at = CASE WHEN r.expires_at <= EXCLUDED.lease_until - $4::bigint THEN EXCLUDED.expires_at
+                      ELSE greatest(r.expires_at, EXCLUDED.expires_at) END,
+    takeover = r.expires_at > EXCLUDED.lease_until - $4::bigint,
+    outcome = NULL
+  WHERE r.expires_at <= EXCLUDED.lease_until - $4::bigint
+     OR (r.state = ${IN_PROGRESS} AND r.lease_until <= EXCLUDED.lease_until - $4::bigint
+         AND r.fingerprint IS NOT DISTINCT FROM EXCLUDED.fingerprint)
+  RETURNING r.takeover, r.lease_until
+)
+SELECT true AS won, ins.takeover, ins.lease_until, NULL::smallint AS state, NULL::text AS fingerprint,
+       NULL::bigint AS expires_at, NULL::bytea AS outcome, n.ms AS now
+  FROM ins, n
+UNION ALL
+SELECT false, false, c.lease_until, c.state, c.fingerprint, c.expires_at, c.outcome, n.ms
+  FROM ${t} c, n
+ WHERE c.id = $1 AND c.expires_at > n.ms AND NOT EXISTS (SELECT 1 FROM ins)`;
+  const renewSql = `UPDATE ${t} AS r SET lease_until = n.ms + $3::bigint, expires_at = greatest(r.expires_at, n.ms + $3::bigint)
+  FROM ${NOW_FROM} n WHERE r.id = $1 AND r.token = $2 AND r.state = ${IN_PROGRESS} AND r.expires_at > n.ms`;
+  const completeSql = `UPDATE ${t} AS r SET state = ${COMPLETED}, outcome = $3, expires_at = n.ms + $4::bigint
+  FROM ${NOW_FROM} n WHERE r.id = $1 AND r.token = $2 AND r.state = ${IN_PROGRESS} AND r.expires_at > n.ms`;
+  const releaseSql = `DELETE FROM ${t} AS r USING ${NOW_FROM} n
+ WHERE r.id = $1 AND r.token = $2 AND r.state = ${IN_PROGRESS} AND r.expires_at > n.ms`;
+  const getSql = `SELECT r.state, r.fingerprint, r.lease_until, r.expires_at, r.outcome
+  FROM ${t} AS r, ${NOW_FROM} n WHERE r.id = $1 AND r.expires_at > n.ms`;
+  const deleteSql = `DELETE FROM ${t} AS r USING ${NOW_FROM} n WHERE r.id = $1 RETURNING r.expires_at > n.ms AS live`;
+  const purgeSql = `DELETE FROM ${t} WHERE id IN (
+  SELECT id FROM ${t} WHERE expires_at <= ${NOW} LIMIT $1 FOR UPDATE SKIP LOCKED)`;
+
+  const run = (name: string, text: string, values: unknown[]): Promise<PgQueryResult> =>
+    pool.query({ name: prefix + name, text, values });
+
+  return {
+    name: 'postgres',
+    capabilities: CAPABILITIES,
+    table: t,
+    async claim(id: string, input: ClaimInput): Promise<ClaimResult> {
+      const token = newToken();
+      const values = [id, token, input.fingerprint, input.leaseMs, input.ttlMs];
+      for (let attempt = 0; attempt < MAX_CLAIM_ATTEMPTS; attempt++) {
+        const { rows } = await run('claim', claimSql, values);
+        const row = rows[0] as ClaimRow | undefined;
+        if (row?.won) return { status: 'acquired', token, takeover: row.takeover, leaseUntil: Number(row.lease_until) };
+        // No row: a concurrent transaction committed the record after this
+        // statement's snapshot (ON CONFLICT saw it, the SELECT did not).
+        if (row === undefined) continue;
+        if (row.state === COMPLETED) {
+          return {
+            status: 'completed',
+            record: completed(row.fingerprint, row.outcome, row.expires_at as string),
+          };
+        }
+        const leaseUntil = Number(row.lease_until);
+        const now = Number(row.now);
+        // A snapshot row this claim could have taken over, yet ON CONFLICT
+        // did not: the row changed after the snapshot. Ask again.
+        if (leaseUntil <= now && row.fingerprint === input.fingerprint) continue;
+        return { status: 'in_progress', fingerprint: row.fingerprint, leaseUntil, now };
+      }
+      throw new StoreUnavailableError('The claim did not settle: the record kept changing under concurrent writers.');
+    },
+    async renew(id, token, leaseMs) {
+      return ((await run('renew', renewSql, [id, token, leaseMs])).rowCount ?? 0) === 1;
+    },
+    async complete(id, token, outcome, ttlMs) {
+      const bytes = Buffer.from(outcome, 'utf8');
+      return ((await run('complete', completeSql, [id, token, bytes, ttlMs])).rowCount ?? 0) === 1;
+    },
+    async release(id, token) {
+      return ((await run('release', releaseSql, [id, token])).rowCount ?? 0) === 1;
+    },
+    async get(id): Promise<StoredRecord | null> {
+      const row = (await run('get', getSql, [id])).rows[0] as RecordRow | undefined;
+      if (row === undefined) return null;
+      if (row.state === COMPLETED) return completed(row.fingerprint, row.outcome, row.expires_at);
+      return {
+        state: 'in_progress',
+        fingerprint: row.fingerprint,
+        leaseUntil: Number(row.lease_until),
+        expiresAt: Number(row.expires_at),
+      };
+    },
+    async delete(id) {
+      const row = (await run('delete', deleteSql, [id])).rows[0] as { live: boolean } | undefined;
+      return row?.live === true;
+    },
+    async purgeExpired(limit) {
+      return (await run('purge', purgeSql, [Math.max(0, Math.floor(limit))])).rowCount ?? 0;
+    },
+    async close() {
+      // The pool is the user's: nothing of ours to release.
+    },
+  };
+}
+
+function completed(fingerprint: string | null, outcome: Buffer | null, expiresAt: string): CompletedRecord {
+  return {
+    state: 'completed',
+    fingerprint,
+    outcome: outcome === null ? '' : outcome.toString('utf8'),
+    expiresAt: Number(expiresAt),
+  };
+}
