@@ -421,6 +421,32 @@ describe('deadline and abort', () => {
     expect(server.seen).toHaveLength(1);
   });
 
+  it("keeps the caller's signal linked to the returned body, as fetch does", async () => {
+    const server = await serve((_s, res) => {
+      res.writeHead(200, { 'content-type': 'text/plain' });
+      res.write('partial'); // and never ends
+    });
+    const controller = new AbortController();
+    const res = await createClient({ ...fast, attemptTimeoutMs: 50 }).fetch(server.url, { signal: controller.signal });
+    expect(res.status).toBe(200);
+    // The attempt timeout bounded the wait for headers only: the body is still readable later.
+    await new Promise((r) => setTimeout(r, 100));
+    const reading = res.text();
+    controller.abort(new Error('enough'));
+    await expect(reading).rejects.toThrow('enough');
+  });
+
+  it('throws reason "deadline" when a network failure leaves no time for a retry', async () => {
+    const server = await serve((_s, res) => res.socket?.destroy());
+    const error = (await createClient({ minDelayMs: 500, maxDelayMs: 500, deadlineMs: 300 })
+      .fetch(server.url, post())
+      .catch((e: unknown) => e)) as ClientRequestError;
+    expect(error).toBeInstanceOf(ClientRequestError);
+    expect(error.reason).toBe('deadline');
+    expect(error.attempts).toBe(1);
+    expect(isNetworkError(error.cause)).toBe(true);
+  });
+
   it('makes no attempt when the signal is already aborted', async () => {
     const server = await serve((_s, res) => send(res, 200));
     const controller = new AbortController();

@@ -39,7 +39,9 @@ export interface RetryState {
 
 /** The request of a {@link RetryState}. */
 export interface RetryRequest {
+  /** The method, upper-cased. */
   readonly method: string;
+  /** The absolute URL. */
   readonly url: string;
   /** A copy of the headers sent, including `Idempotency-Key`. */
   readonly headers: Headers;
@@ -97,6 +99,7 @@ export interface RequestOptions extends Omit<ClientOptions, 'fetch'> {
 
 /** `RequestInit`, where `body` may also be a Node `Readable` or any async iterable of bytes. */
 export interface ClientRequestInit extends Omit<RequestInit, 'body'> {
+  /** Replayable bodies are resent on retries; stream bodies are sent once (no retry). */
   body?: ClientBody;
   /** Required by Node's fetch for stream bodies; the client sets it for you. */
   duplex?: 'half';
@@ -123,6 +126,7 @@ export class OncelyResponse extends Response {
   /** True when the server answered `Idempotent-Replayed: true`: the operation had already run. */
   readonly replayed: boolean;
 
+  /** Wraps the `response` fetch returned; its body is not read. */
   constructor(response: Response, meta: { key: string | undefined; attempts: number }) {
     super(NULL_BODY_STATUSES.has(response.status) ? null : response.body, {
       status: response.status,
@@ -441,12 +445,14 @@ async function attemptOnce(request: Prepared, settings: Settings, deadlineAt: nu
     signal,
   };
   if (request.body.kind === 'stream') init.duplex = 'half';
+  let response: Response | undefined;
   try {
-    const response = await settings.fetch(request.url, init);
+    response = await settings.fetch(request.url, init);
     const verdict = await judgeResponse(response);
     if (signal.aborted) throw signal.reason;
     return { ok: true, response, verdict };
   } catch (error) {
+    if (response) void discard(response);
     if (callerSignal?.aborted) throw callerSignal.reason;
     if (why !== undefined) return { ok: false, error, reason: why };
     return { ok: false, error, reason: isNetworkError(error) ? 'network' : 'unexpected' };

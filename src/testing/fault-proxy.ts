@@ -34,10 +34,13 @@ export type Fault =
 
 /** What a plan function sees of a request (its body is fully read). */
 export interface FaultRequest {
+  /** The method, as received. */
   readonly method: string;
   /** Path and query, as received. */
   readonly url: string;
+  /** The headers, as node:http parsed them (lower-case names). */
   readonly headers: IncomingHttpHeaders;
+  /** The whole request body. */
   readonly body: Buffer;
 }
 
@@ -76,9 +79,13 @@ export interface FaultProxyStats {
   forwarded: number;
   /** Requests passed through untouched. */
   none: number;
+  /** Answers dropped after the upstream answered. */
   'drop-response': number;
+  /** Answers held back. */
   delay: number;
+  /** Requests answered 503 without reaching the upstream. */
   'fail-503': number;
+  /** Requests sent upstream twice. */
   'retry-upstream': number;
 }
 
