@@ -705,6 +705,11 @@ describe('results and hooks', () => {
     expect(() => createClient({ factor: 0.5 })).toThrow(ConfigError);
     expect(() => createClient({ minDelayMs: Number.NaN })).toThrow(ConfigError);
   });
+
+  it('rejects (not throws) bad per-call options', async () => {
+    const pending = createClient().fetch('http://127.0.0.1:1/', {}, { attemptTimeoutMs: -5 });
+    await expect(pending).rejects.toBeInstanceOf(ConfigError);
+  });
 });
 
 // ---------------------------------------------------------------- backoff

@@ -258,7 +258,9 @@ function settle(options: ClientOptions & RequestOptions): Settings {
  */
 export function createClient(options: ClientOptions = {}): OncelyClient {
   settle(options); // fail fast on bad options, at creation
-  const fetch: OncelyFetch = (input, init = {}, callOptions = {}) => operate(input, init, settle({ ...options, ...callOptions }));
+  // async, so that bad per-call options reject rather than throw synchronously.
+  const fetch: OncelyFetch = async (input, init = {}, callOptions = {}) =>
+    operate(input, init, settle({ ...options, ...callOptions }));
   return Object.freeze({ fetch });
 }
 
@@ -275,7 +277,7 @@ export function createClient(options: ClientOptions = {}): OncelyClient {
  * }, { retries: 3 });
  * ```
  */
-export function idempotentFetch(
+export async function idempotentFetch(
   input: string | URL | Request,
   init?: ClientRequestInit,
   options: ClientOptions & RequestOptions = {},
