@@ -1,0 +1,185 @@
+import { randomBytes } from 'node:crypto';
+import mysql from 'mysql2/promise';
+import { migrateMysql, type MysqlQueryable, type MysqlValue, mysqlSchemaSql, mysqlStore } from 'oncely/stores/mysql';
+import { defineStoreConformance } from 'oncely/testing';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+const config = {
+  host: process.env.MYSQL_HOST ?? '127.0.0.1',
+  port: Number(process.env.MYSQL_PORT ?? 3306),
+  user: process.env.MYSQL_USER ?? 'root',
+  database: process.env.MYSQL_DATABASE ?? 'test',
+  connectionLimit: 5,
+};
+const suffix = randomBytes(6).toString('hex');
+const table = `oncely_test_${suffix}`;
+const plainTable = `oncely_plain_${suffix}`;
+const customTable = `custom_${suffix}`;
+const pools: mysql.Pool[] = [];
+const newPool = (): mysql.Pool => {
+  const pool = mysql.createPool(config);
+  pools.push(pool);
+  return pool;
+};
+const admin = newPool();
+const newId = (): string => randomBytes(32).toString('hex');
+const LONG = { fingerprint: 'v1:fp', leaseMs: 30_000, ttlMs: 60_000 };
+
+/** Wrap a pool so that every statement sent (`execute` and `query`) is counted. */
+function counted(pool: MysqlQueryable): MysqlQueryable & { count: number } {
+  const wrapper = {
+    count: 0,
+    execute(sql: string, values?: MysqlValue[]) {
+      wrapper.count++;
+      return pool.execute(sql, values);
+    },
+    query(sql: string, values?: MysqlValue[]) {
+      wrapper.count++;
+      return pool.query(sql, values);
+    },
+  };
+  return wrapper;
+}
+
+beforeAll(async () => {
+  await migrateMysql(admin, { table });
+  await migrateMysql(admin, { table: plainTable });
+});
+
+afterAll(async () => {
+  for (const name of [table, plainTable, customTable]) await admin.query(`DROP TABLE IF EXISTS \`${name}\``);
+  await Promise.all(pools.map((pool) => pool.end()));
+});
+
+defineStoreConformance(
+  { describe, it, beforeAll, afterAll },
+  {
+    name: 'mysql (MariaDB, RETURNING detected)',
+    store: () => mysqlStore({ pool: newPool(), table }),
+    anotherClient: () => mysqlStore({ pool: newPool(), table }),
+  },
+);
+
+// The MySQL form (no RETURNING), run on the same MariaDB server.
+defineStoreConformance(
+  { describe, it, beforeAll, afterAll },
+  {
+    name: 'mysql (without RETURNING)',
+    store: () => mysqlStore({ pool: newPool(), table: plainTable, returning: false }),
+    anotherClient: () => mysqlStore({ pool: newPool(), table: plainTable, returning: false }),
+  },
+);
+
+describe('mysql store', () => {
+  it('detects RETURNING once, then uses one statement per operation (MariaDB)', async () => {
+    const pool = counted(newPool());
+    const store = mysqlStore({ pool, table });
+    const id = newId();
+    const claim = await store.claim(id, LONG);
+    if (claim.status !== 'acquired') throw new Error('expected acquired');
+    expect(pool.count).toBe(2); // SELECT VERSION() once per store, then the claim
+    pool.count = 0;
+    expect(await store.claim(newId(), LONG)).toMatchObject({ status: 'acquired' });
+    expect(pool.count).toBe(1);
+    expect(await store.claim(id, LONG)).toMatchObject({ status: 'in_progress' });
+    expect(pool.count).toBe(2);
+    expect(await store.renew(id, claim.token, 30_000)).toBe(true);
+    expect(pool.count).toBe(3);
+    expect(await store.complete(id, claim.token, 'done', 60_000)).toBe(true);
+    expect(pool.count).toBe(4);
+    expect(await store.claim(id, LONG)).toMatchObject({ status: 'completed', record: { outcome: 'done' } });
+    expect(pool.count).toBe(5);
+    expect(await store.get(id)).toMatchObject({ state: 'completed' });
+    expect(pool.count).toBe(6);
+  });
+
+  it('without RETURNING: a won claim is one statement, a lost one two', async () => {
+    const pool = counted(newPool());
+    const store = mysqlStore({ pool, table: plainTable, returning: false });
+    const id = newId();
+    const claim = await store.claim(id, LONG);
+    if (claim.status !== 'acquired') throw new Error('expected acquired');
+    expect(pool.count).toBe(1);
+    expect(await store.claim(id, LONG)).toMatchObject({ status: 'in_progress' });
+    expect(pool.count).toBe(3);
+    expect(await store.complete(id, claim.token, 'done', 60_000)).toBe(true);
+    expect(pool.count).toBe(4);
+    expect(await store.claim(id, LONG)).toMatchObject({ status: 'completed', record: { outcome: 'done' } });
+    expect(pool.count).toBe(6);
+  });
+
+  it('reads deadlines from the server clock, in both forms', async () => {
+    for (const [name, returning] of [
+      [table, true],
+      [plainTable, false],
+    ] as const) {
+      const store = mysqlStore({ pool: admin, table: name, returning });
+      const [rows] = await admin.query(
+        "SELECT TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(3)) DIV 1000 AS ms",
+      );
+      const before = Number((rows as Array<{ ms: number }>)[0]!.ms);
+      const claim = await store.claim(newId(), { ...LONG, leaseMs: 5000 });
+      if (claim.status !== 'acquired') throw new Error('expected acquired');
+      expect(claim.leaseUntil).toBeGreaterThanOrEqual(before + 5000);
+      expect(claim.leaseUntil).toBeLessThan(before + 5000 + 2000);
+      const [stored] = await admin.query(`SELECT lease_until FROM \`${name}\` WHERE token = ?`, [claim.token]);
+      expect(Number((stored as Array<{ lease_until: number }>)[0]!.lease_until)).toBe(claim.leaseUntil);
+    }
+  });
+
+  it('settles 100 concurrent claims over 25 separate connections with one winner, in both forms', async () => {
+    const connections = await Promise.all(Array.from({ length: 25 }, () => mysql.createConnection(config)));
+    try {
+      for (const [name, returning] of [
+        [table, true],
+        [plainTable, false],
+      ] as const) {
+        for (let round = 0; round < 3; round++) {
+          const id = newId();
+          const counters = connections.map((connection) => counted(connection));
+          const stores = counters.map((pool) => mysqlStore({ pool, table: name, returning }));
+          const results = await Promise.all(
+            Array.from({ length: 100 }, (_, i) => stores[i % stores.length]!.claim(id, LONG)),
+          );
+          expect(results.filter((r) => r.status === 'acquired')).toHaveLength(1);
+          expect(results.filter((r) => r.status === 'in_progress')).toHaveLength(99);
+          const trips = counters.reduce((sum, c) => sum + c.count, 0);
+          console.log(`mysql (returning: ${returning}): 100 concurrent claims took ${trips} statements`);
+        }
+      }
+    } finally {
+      await Promise.all(connections.map((connection) => connection.end()));
+    }
+  });
+
+  it('honours the table option, also as database.table', async () => {
+    await migrateMysql(admin, { table: `${config.database}.${customTable}` });
+    await migrateMysql(admin, { table: customTable }); // idempotent
+    const store = mysqlStore({ pool: admin, table: `${config.database}.${customTable}` });
+    expect(store.table).toBe(`\`${config.database}\`.\`${customTable}\``);
+    const id = newId();
+    expect((await store.claim(id, LONG)).status).toBe('acquired');
+    const [rows] = await admin.query(`SELECT COUNT(*) AS n FROM \`${customTable}\` WHERE id = ?`, [id]);
+    expect(Number((rows as Array<{ n: number }>)[0]!.n)).toBe(1);
+    const [indexes] = await admin.query(`SHOW INDEX FROM \`${customTable}\``);
+    expect((indexes as Array<{ Key_name: string }>).map((r) => r.Key_name)).toContain(`${customTable}_expires_at`);
+    expect((await mysqlStore({ pool: admin, table }).claim(id, LONG)).status).toBe('acquired');
+  });
+
+  it('refuses table names that are not plain identifiers', () => {
+    expect(() => mysqlStore({ pool: admin, table: 'x`; drop table y; --' })).toThrow(/table name/);
+    expect(() => mysqlSchemaSql({ table: 'a.b.c' })).toThrow(/table name/);
+  });
+
+  it('stores an outcome of several MiB', async () => {
+    const store = mysqlStore({ pool: admin, table });
+    const id = newId();
+    const claim = await store.claim(id, LONG);
+    if (claim.status !== 'acquired') throw new Error('expected acquired');
+    const outcome = `${'é'.repeat(2 * 1024 * 1024)}\u0000😀`;
+    expect(await store.complete(id, claim.token, outcome, 60_000)).toBe(true);
+    const replay = await store.claim(id, LONG);
+    if (replay.status !== 'completed') throw new Error('expected completed');
+    expect(replay.record.outcome === outcome).toBe(true);
+  });
+});
