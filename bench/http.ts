@@ -1,0 +1,162 @@
+/**
+ * The oncely-only HTTP benchmark (issues 2 and 3): bare Fastify against
+ * oncely on Fastify with the memory, SQLite and Redis stores, on the miss
+ * path (a new `Idempotency-Key` per request) and the replay path (one key).
+ *
+ * Each server runs in its own child process; autocannon runs here. Every
+ * round runs every contestant back to back (the order rotates per round), so
+ * ratios compare figures measured side by side. Store round trips per
+ * request come from a counting wrapper around the store in each server.
+ *
+ *   node --conditions=source --import tsx bench/http.ts
+ *   ROUNDS=3 DURATION=5 WARMUP=2 CONNECTIONS=50 (the defaults)
+ *
+ * Prints a table and writes it into docs/benchmarks.md (section "http").
+ * Not a test: nothing here asserts on time.
+ */
+import { randomUUID } from 'node:crypto';
+import { counts, fmtRange, load, type Path, type RunResult, send, summarise, table } from './lib/load.js';
+import { machine } from './lib/machine.js';
+import { type Server, startServer, stopAllOnExit } from './lib/spawn.js';
+import { writeSection } from './lib/doc.js';
+
+const ROUNDS = Number(process.env.ROUNDS ?? 3);
+const DURATION = Number(process.env.DURATION ?? 5);
+const WARMUP = Number(process.env.WARMUP ?? 2);
+const CONNECTIONS = Number(process.env.CONNECTIONS ?? 50);
+const WRITE_DOC = process.env.WRITE_DOC !== '0';
+const RUN = randomUUID().slice(0, 8);
+
+interface Contestant {
+  name: string;
+  file: string;
+  env?: Record<string, string>;
+  /** Aim: minimum ratio to bare Fastify, per path. */
+  aim?: Record<Path, number>;
+}
+
+const contestants: Contestant[] = [
+  { name: 'Fastify (bare)', file: 'bench/servers/fastify-bare.ts' },
+  { name: 'oncely + memory', file: 'bench/servers/oncely-fastify.ts', env: { STORE: 'memory' }, aim: { miss: 0.9, replay: 0.9 } },
+  { name: 'oncely + SQLite', file: 'bench/servers/oncely-fastify.ts', env: { STORE: 'sqlite' } },
+  { name: 'oncely + Redis', file: 'bench/servers/oncely-fastify.ts', env: { STORE: 'redis', PREFIX: `oncely-bench-http-${RUN}` }, aim: { miss: 0.75, replay: 0.85 } },
+];
+const paths: Path[] = ['miss', 'replay'];
+
+interface Sample extends RunResult {
+  executions: number;
+  store: Record<string, number>;
+}
+
+const started = Date.now();
+const servers: Server[] = [];
+stopAllOnExit(servers);
+const results = new Map<string, Sample[]>();
+const at = (c: Contestant, p: Path) => `${c.name}|${p}`;
+
+async function measure(server: Server, path: Path, durationS: number, round: number): Promise<Sample> {
+  const before = await counts(server.url);
+  const r = await load({
+    url: server.url,
+    path,
+    durationS,
+    connections: CONNECTIONS,
+    replayKey: `replay-${RUN}`,
+    keyPrefix: `miss-${RUN}-${round}-`,
+  });
+  const after = await counts(server.url);
+  const store: Record<string, number> = {};
+  for (const [op, n] of Object.entries(after.store ?? {})) {
+    const d = n - (before.store?.[op] ?? 0);
+    if (d > 0) store[op] = d;
+  }
+  return { ...r, executions: after.total - before.total, store };
+}
+
+try {
+  for (const c of contestants) servers.push(await startServer(c.name, c.file, { env: c.env }));
+  // Prime the replay key: one execution, then the stored answer.
+  for (const [i, s] of servers.entries()) {
+    const first = await send(s.url, `replay-${RUN}`);
+    const again = await send(s.url, `replay-${RUN}`);
+    const replayed = i === 0 || (again.body === first.body && again.headers.get('idempotent-replayed') === 'true');
+    if (first.status !== 201 || again.status !== 201 || !replayed)
+      throw new Error(`${s.name}: replay key not primed (${first.status}, ${again.status})`);
+  }
+  console.log(`rounds ${ROUNDS} × ${DURATION} s after ${WARMUP} s warm-up, ${CONNECTIONS} connections`);
+  for (const path of paths) for (let i = 0; i < servers.length; i++) await measure(servers[i]!, path, WARMUP, -1);
+  for (let round = 0; round < ROUNDS; round++) {
+    for (const path of paths) {
+      for (let j = 0; j < servers.length; j++) {
+        const i = (j + round) % servers.length;
+        const c = contestants[i]!;
+        const sample = await measure(servers[i]!, path, DURATION, round);
+        const list = results.get(at(c, path)) ?? [];
+        list.push(sample);
+        results.set(at(c, path), list);
+        console.log(`round ${round + 1} ${path.padEnd(6)} ${c.name.padEnd(16)} ${sample.rps.toFixed(0).padStart(7)} req/s  p50 ${sample.p50} ms  p99 ${sample.p99} ms  non-2xx ${sample.non2xx}  errors ${sample.errors}`);
+      }
+    }
+  }
+} finally {
+  await Promise.all(servers.map((s) => s.stop()));
+}
+
+// Ratios per round (side by side), then their median and range.
+const rows: string[][] = [];
+const aims: string[] = [];
+for (const path of paths) {
+  const bare = results.get(at(contestants[0]!, path))!;
+  for (const c of contestants) {
+    const samples = results.get(at(c, path))!;
+    const ratios = samples.map((s, k) => s.rps / bare[k]!.rps);
+    const ratio = summarise(ratios);
+    const reqs = samples.reduce((n, s) => n + s.requests, 0);
+    const ops: Record<string, number> = {};
+    for (const s of samples) for (const [op, n] of Object.entries(s.store)) ops[op] = (ops[op] ?? 0) + n;
+    const opsText =
+      c.name === contestants[0]!.name
+        ? '–'
+        : `${(Object.values(ops).reduce((a, b) => a + b, 0) / reqs).toFixed(2)} (${Object.entries(ops)
+            .map(([op, n]) => `${op} ${(n / reqs).toFixed(2)}`)
+            .join(', ')})`;
+    const execs = samples.reduce((n, s) => n + s.executions, 0);
+    const non2xx = samples.reduce((n, s) => n + s.non2xx + s.errors, 0);
+    rows.push([
+      path,
+      c.name,
+      fmtRange(summarise(samples.map((s) => s.rps))),
+      c === contestants[0] ? '1.00' : `${ratio.median.toFixed(2)} (${ratio.min.toFixed(2)}–${ratio.max.toFixed(2)})`,
+      fmtRange(summarise(samples.map((s) => s.p50)), 1),
+      fmtRange(summarise(samples.map((s) => s.p99)), 1),
+      opsText,
+      (execs / reqs).toFixed(2),
+      String(non2xx),
+    ]);
+    if (c.aim) {
+      const met = ratio.median >= c.aim[path];
+      aims.push(`- ${c.name}, ${path}: ${ratio.median.toFixed(2)} of bare Fastify (aim ≥ ${c.aim[path].toFixed(2)}): **${met ? 'met' : 'missed'}**`);
+    }
+  }
+}
+const head = ['path', 'server', 'req/s median (range)', 'ratio to bare', 'p50 ms', 'p99 ms', 'store calls / request', 'executions / request', 'non-2xx + errors'];
+const md = [
+  '## oncely on Fastify: stores against bare Fastify',
+  '',
+  `Command: \`npm run bench\` (\`node --conditions=source --import tsx bench/http.ts\`), ${ROUNDS} rounds × ${DURATION} s after a ${WARMUP} s warm-up, ${CONNECTIONS} connections, run ${new Date().toISOString().slice(0, 16)}Z, ${Math.round((Date.now() - started) / 1000)} s in all.`,
+  'Miss: a new `Idempotency-Key` on every request. Replay: one key, primed before the rounds.',
+  'Ratios are per round (contestants run back to back, order rotating), then median and range across rounds.',
+  'Store calls are counted by a wrapper around the store inside each server.',
+  '',
+  table(head, rows),
+  '',
+  'Aims:',
+  '',
+  ...aims,
+  '',
+  'Machine:',
+  '',
+  machine(),
+].join('\n');
+console.log(`\n${md}`);
+if (WRITE_DOC) writeSection('http', md);

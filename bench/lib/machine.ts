@@ -1,0 +1,18 @@
+/** What the figures were measured on. */
+import { execSync } from 'node:child_process';
+import { cpus, totalmem } from 'node:os';
+
+export function machine(): string {
+  let redis = 'unknown';
+  try {
+    redis = /redis_version:(\S+)/.exec(execSync('redis-cli -h 127.0.0.1 INFO server', { encoding: 'utf8' }))?.[1] ?? 'unknown';
+  } catch {
+    // redis-cli missing: the version stays unknown.
+  }
+  return [
+    `- CPU: ${cpus()[0]?.model ?? 'unknown'}, ${cpus().length} cores (\`nproc\`: ${execSync('nproc', { encoding: 'utf8' }).trim()})`,
+    `- memory: ${(totalmem() / 2 ** 30).toFixed(1)} GiB`,
+    `- Node.js ${process.version}, Redis ${redis} on 127.0.0.1:6379 (shared with the load generator and the server)`,
+    '- load generator, server under test and Redis all share these cores, over loopback',
+  ].join('\n');
+}
