@@ -1,0 +1,469 @@
+import { Claim, Engine } from '../engine/engine.js';
+import { recordId } from '../engine/fingerprint.js';
+import type { ClaimInput, ClaimResult, IdempotencyStore } from '../engine/store.js';
+import { ConfigError, InFlightError, StoreUnavailableError } from '../errors/index.js';
+
+/** What a consumer handler receives for one message. */
+export interface ConsumerContext<M> {
+  /** The broker's message, untouched. */
+  message: M;
+  /** The message id the record is keyed by (the broker's natural id, or what `messageId` returned). */
+  id: string;
+  /** The record id in the store: `recordId(id, '', 'consumer:' + name)`. */
+  recordId: string;
+  /** Aborts when the lease is lost (another worker took the message over): stop early, the outcome will not be stored. */
+  signal: AbortSignal;
+  /** True when an earlier attempt crashed or stalled holding this message and this run took over its lease. */
+  takeover: boolean;
+}
+
+/** The user's message handler. Throwing means failure: the claim is released and the broker's retry or dead-letter path applies. */
+export type ConsumerHandler<M> = (context: ConsumerContext<M>) => unknown;
+
+/**
+ * What happened to one message, and so what the adapter does with it:
+ * - `processed`: the handler ran and its completion was stored: acknowledge.
+ * - `duplicate`: it completed before (here or elsewhere): acknowledge without running.
+ * - `in_flight`: another worker holds it right now: not run; leave it for redelivery (nak with delay, or leave pending).
+ * - `failed`: the handler threw; the claim was released: the broker's retry or dead-letter path.
+ * - `store_error`: the store is down or too slow: not run (or not recorded); do not acknowledge.
+ * - `fenced`: the handler ran but the lease was lost meanwhile, so its completion was not stored: do not acknowledge.
+ * - `skipped`: batch mode only: not run because an earlier message of the batch broke the run (ordered brokers).
+ */
+export type ConsumerAction = 'processed' | 'duplicate' | 'in_flight' | 'failed' | 'store_error' | 'fenced' | 'skipped';
+
+/**
+ * The verdict on one message.
+ *
+ * @example
+ * ```ts
+ * const verdict = await consumer.handle(msg, msg.properties.messageId);
+ * if (shouldAcknowledge(verdict)) channel.ack(msg);
+ * ```
+ */
+export interface ConsumerVerdict {
+  /** What happened (see {@link ConsumerAction}). */
+  action: ConsumerAction;
+  /** The message id. */
+  id: string;
+  /** The record id. */
+  recordId: string;
+  /** The handler's error (`failed`) or the store's (`store_error`). */
+  error?: unknown;
+  /** `in_flight`: when the other worker's lease ends (epoch ms, store clock). */
+  leaseUntil?: number;
+  /** `processed`: whether this run took over a crashed worker's lease. */
+  takeover?: boolean;
+}
+
+/**
+ * True when the broker should be told the message is done (`processed` or
+ * `duplicate`); every other verdict leaves it for redelivery.
+ *
+ * @example
+ * ```ts
+ * if (shouldAcknowledge(await consumer.handle(msg, id))) msg.ack();
+ * ```
+ */
+export function shouldAcknowledge(verdict: ConsumerVerdict): boolean {
+  return verdict.action === 'processed' || verdict.action === 'duplicate';
+}
+
+/** Events of a consumer, by name, with what they carry. */
+export interface ConsumerEvents {
+  /** The handler ran and its completion was stored. */
+  processed: { id: string; recordId: string; takeover: boolean; ms: number };
+  /** A completed message arrived again and was acknowledged without running. */
+  duplicate: { id: string; recordId: string };
+  /** A message arrived while another worker held it; it is left for redelivery. */
+  inFlight: { id: string; recordId: string; leaseUntil: number };
+  /** The handler failed; its claim was released so that the broker's retry or dead-letter path applies. */
+  released: { id: string; recordId: string; error: unknown };
+  /** The lease was lost while the handler ran; its completion was not stored. */
+  fenced: { id: string; recordId: string };
+  /** The store failed or timed out; the message was not run (or its completion not recorded) and is left for redelivery. */
+  storeError: { id: string | undefined; recordId: string | undefined; operation: string; error: unknown };
+  /** The adapter's "still working" signal to the broker failed (logged, never fatal). */
+  workingError: { id: string; error: unknown };
+  /** A message had no usable id (the `messageId` function returned nothing or threw); it took the broker's failure path unrun. */
+  missingId: { error: unknown };
+  /** The adapter could not talk to the broker (ack, nack, read); the message will be redelivered. */
+  brokerError: { id: string | undefined; operation: string; error: unknown };
+}
+
+/** Names of the consumer events. */
+export type ConsumerEventName = keyof ConsumerEvents;
+
+/** Listeners given up front, one optional function per event. */
+export type ConsumerHooks = { [E in ConsumerEventName]?: (event: ConsumerEvents[E]) => void };
+
+/** Options shared by the consumer core and every adapter. */
+export interface ConsumerOptions<M> {
+  /** The consumer's name: records are keyed by (name, message id), so two consumers of one message each handle it once. */
+  name: string;
+  /** The message handler. */
+  handler: ConsumerHandler<M>;
+  /** An engine to share; otherwise one is made from `store` and the options below. */
+  engine?: Engine;
+  /** Where records live (required unless `engine` is given). Use a shared store when several processes consume. */
+  store?: IdempotencyStore;
+  /** Lease length, ms; renewed while the handler runs. Default 30 000. */
+  leaseMs?: number;
+  /**
+   * How long a handled message id is remembered, ms. Default 24 h. Keep it
+   * longer than the broker can redeliver a message (retention, retries).
+   */
+  ttlMs?: number;
+  /** Longest wait for one store operation, ms. Default 2 000. */
+  storeTimeoutMs?: number;
+  /**
+   * How often the adapter's "still working" signal is sent while a handler
+   * runs, ms. Default: a third of the lease (adapters lower it below the
+   * broker's own ack wait).
+   */
+  workingIntervalMs?: number;
+  /** Event listeners. */
+  hooks?: ConsumerHooks;
+}
+
+/** One message of a batch. */
+export interface BatchItem<M> {
+  message: M;
+  /** Its message id. */
+  id: string;
+}
+
+/** Per-call options of {@link IdempotentConsumer.handle}. */
+export interface HandleOptions {
+  /** The broker's "still working" signal (JetStream `working()`, a Kafka heartbeat…), called periodically while the handler runs. */
+  working?: () => unknown;
+}
+
+/** Per-call options of {@link IdempotentConsumer.handleBatch}. */
+export interface BatchOptions extends HandleOptions {
+  /**
+   * Stop at the first message that is not handled (in flight, failed, store
+   * error, fenced): later messages are not run (verdict `skipped`, their
+   * claims released). For ordered logs (Kafka partitions). Default false.
+   */
+  stopAtFirstBreak?: boolean;
+  /** Asked before each message; answering false skips the rest (e.g. Kafka's `isRunning() && !isStale()`). */
+  shouldContinue?: () => boolean;
+  /** Told each verdict as soon as it is known, in order (e.g. to resolve a Kafka offset at once). */
+  onVerdict?: (verdict: ConsumerVerdict, index: number) => unknown;
+}
+
+const STORED_OUTCOME = '{}';
+
+/**
+ * The broker-neutral idempotent consumer: claim, run, complete, and only then
+ * tell the adapter to acknowledge. Adapters (`oncely/consumer/amqp`, `nats`,
+ * `redis-streams`, `kafka`) translate its verdicts into acks, naks and offsets.
+ *
+ * @example
+ * ```ts
+ * import { IdempotentConsumer, shouldAcknowledge } from 'oncely/consumer';
+ * import { memoryStore } from 'oncely/stores/memory';
+ *
+ * const consumer = new IdempotentConsumer<{ id: string; body: string }>({
+ *   name: 'emails',
+ *   store: memoryStore(),
+ *   handler: async ({ message }) => sendEmail(message.body),
+ * });
+ * const verdict = await consumer.handle(msg, msg.id);
+ * if (shouldAcknowledge(verdict)) ack(msg);
+ * ```
+ */
+export class IdempotentConsumer<M> {
+  /** The consumer's name. */
+  readonly name: string;
+  /** The engine (store, lease, timeouts). */
+  readonly engine: Engine;
+  readonly #handler: ConsumerHandler<M>;
+  readonly #workingIntervalMs: number;
+  readonly #listeners = new Map<ConsumerEventName, Set<(event: never) => void>>();
+
+  constructor(options: ConsumerOptions<M>) {
+    if (typeof options.name !== 'string' || options.name.length === 0) throw new ConfigError('A consumer needs a name.');
+    if (typeof options.handler !== 'function') throw new ConfigError('A consumer needs a handler function.');
+    this.name = options.name;
+    this.#handler = options.handler;
+    if (options.engine) this.engine = options.engine;
+    else if (options.store) {
+      this.engine = new Engine({
+        store: options.store,
+        leaseMs: options.leaseMs,
+        ttlMs: options.ttlMs,
+        storeTimeoutMs: options.storeTimeoutMs,
+      });
+    } else throw new ConfigError('A consumer needs a store (see oncely/stores/*) or an engine.');
+    this.#workingIntervalMs = options.workingIntervalMs ?? Math.max(10, Math.floor((options.leaseMs ?? this.engine.leaseMs) / 3));
+    for (const [name, listener] of Object.entries(options.hooks ?? {})) {
+      if (typeof listener === 'function') this.on(name as 'processed', listener as (event: ConsumerEvents['processed']) => void);
+    }
+    // Store failures seen by the engine (renewals, completions) surface as consumer events too.
+    this.engine.on('storeError', (event) => this.#emit('storeError', { ...event, recordId: event.id, id: undefined }));
+  }
+
+  /** The record id of a message id for this consumer. */
+  recordIdOf(messageId: string): string {
+    return recordId(messageId, '', `consumer:${this.name}`);
+  }
+
+  /**
+   * Subscribe to an event; dispose the result to stop.
+   *
+   * @example
+   * ```ts
+   * consumer.on('duplicate', ({ id }) => metrics.increment('duplicates'));
+   * ```
+   */
+  on<E extends ConsumerEventName>(name: E, listener: (event: ConsumerEvents[E]) => void): { dispose(): void } {
+    let set = this.#listeners.get(name);
+    if (set === undefined) {
+      set = new Set();
+      this.#listeners.set(name, set);
+    }
+    const fn = listener as (event: never) => void;
+    set.add(fn);
+    return { dispose: () => set.delete(fn) };
+  }
+
+  /** @internal Emit an event; used by adapters for what they observe. */
+  emit<E extends ConsumerEventName>(name: E, event: ConsumerEvents[E]): void {
+    this.#emit(name, event);
+  }
+
+  #emit<E extends ConsumerEventName>(name: E, event: ConsumerEvents[E]): void {
+    const set = this.#listeners.get(name);
+    if (set === undefined) return;
+    for (const listener of set) {
+      try {
+        (listener as (e: ConsumerEvents[E]) => void)(event);
+      } catch {
+        // Metrics and logs must never break message handling.
+      }
+    }
+  }
+
+  /**
+   * Handle one message: claim its id, run the handler if the claim was won,
+   * store the completion, and answer what the adapter must do. Never throws.
+   */
+  async handle(message: M, messageId: string, options: HandleOptions = {}): Promise<ConsumerVerdict> {
+    const rid = this.recordIdOf(messageId);
+    let result: ClaimResult;
+    try {
+      result = await this.engine.storeCall(rid, 'claim', () => this.engine.store.claim(rid, this.#claimInput()));
+    } catch (error) {
+      return this.#storeError(messageId, rid, error);
+    }
+    return this.#afterClaim(message, messageId, rid, result, options);
+  }
+
+  /**
+   * Handle a batch: claim every id in one store round trip (`claimMany`
+   * when the store has it), then run the won ones in order. Verdicts are in
+   * the order of `items`. A message id repeated inside the batch runs once.
+   */
+  async handleBatch(items: ReadonlyArray<BatchItem<M>>, options: BatchOptions = {}): Promise<ConsumerVerdict[]> {
+    if (items.length === 0) return [];
+    const rids = items.map((item) => this.recordIdOf(item.id));
+    const unique = [...new Set(rids)];
+    let results: ClaimResult[];
+    try {
+      results = await this.engine.storeCall(undefined, 'claimMany', () => this.#claimMany(unique));
+    } catch (error) {
+      return items.map((item, i) => this.#storeError(item.id, rids[i]!, error));
+    }
+    const byRid = new Map<string, ClaimResult>();
+    for (let i = 0; i < unique.length; i++) byRid.set(unique[i]!, results[i]!);
+    const verdictOf = new Map<string, ConsumerVerdict>();
+    const verdicts: ConsumerVerdict[] = [];
+    let broken = false;
+    for (let i = 0; i < items.length; i++) {
+      const item = items[i]!;
+      const rid = rids[i]!;
+      const earlier = verdictOf.get(rid);
+      if (earlier) {
+        // A copy inside the same batch: it follows the first copy.
+        const action: ConsumerAction = shouldAcknowledge(earlier) ? 'duplicate' : earlier.action === 'failed' ? 'skipped' : earlier.action;
+        const copy: ConsumerVerdict = { ...earlier, action, id: item.id, error: undefined };
+        verdicts.push(copy);
+        if (action === 'duplicate') this.#emit('duplicate', { id: item.id, recordId: rid });
+        await options.onVerdict?.(copy, i);
+        continue;
+      }
+      const claimed = byRid.get(rid)!;
+      const stop = (broken && options.stopAtFirstBreak) || (options.shouldContinue ? !options.shouldContinue() : false);
+      let verdict: ConsumerVerdict;
+      if (stop) {
+        if (claimed.status === 'acquired') await this.#claimOf(rid, claimed).release('batch stopped before this message');
+        verdict = { action: 'skipped', id: item.id, recordId: rid };
+      } else verdict = await this.#afterClaim(item.message, item.id, rid, claimed, options);
+      if (!shouldAcknowledge(verdict)) broken = true;
+      verdictOf.set(rid, verdict);
+      verdicts.push(verdict);
+      await options.onVerdict?.(verdict, i);
+    }
+    return verdicts;
+  }
+
+  #claimInput(): ClaimInput {
+    const { leaseMs, ttlMs } = this.engine;
+    return { fingerprint: null, leaseMs, ttlMs: Math.max(ttlMs, leaseMs) };
+  }
+
+  async #claimMany(ids: string[]): Promise<ClaimResult[]> {
+    const { store } = this.engine;
+    const input = this.#claimInput();
+    if (store.claimMany) return store.claimMany(ids, input);
+    return Promise.all(ids.map((id) => store.claim(id, input)));
+  }
+
+  #claimOf(rid: string, acquired: Extract<ClaimResult, { status: 'acquired' }>): Claim {
+    return new Claim(this.engine, rid, acquired.token, acquired.takeover, this.engine.leaseMs, this.engine.ttlMs);
+  }
+
+  #storeError(id: string, rid: string, error: unknown): ConsumerVerdict {
+    // The engine already emitted storeError for failures it saw in storeCall.
+    const wrapped = error instanceof StoreUnavailableError ? error : new StoreUnavailableError(undefined, { cause: error });
+    return { action: 'store_error', id, recordId: rid, error: wrapped };
+  }
+
+  async #afterClaim(message: M, id: string, rid: string, result: ClaimResult, options: HandleOptions): Promise<ConsumerVerdict> {
+    if (result.status === 'completed') {
+      this.engine.emit('replayed', { id: rid });
+      this.#emit('duplicate', { id, recordId: rid });
+      return { action: 'duplicate', id, recordId: rid };
+    }
+    if (result.status === 'in_progress') {
+      this.engine.emit('conflict', { id: rid, leaseUntil: result.leaseUntil });
+      this.#emit('inFlight', { id, recordId: rid, leaseUntil: result.leaseUntil });
+      return {
+        action: 'in_flight',
+        id,
+        recordId: rid,
+        leaseUntil: result.leaseUntil,
+        error: new InFlightError(result.leaseUntil, Math.max(1, Math.ceil((result.leaseUntil - result.now) / 1000))),
+      };
+    }
+    this.engine.emit('acquired', { id: rid, takeover: result.takeover });
+    const claim = this.#claimOf(rid, result);
+    const started = Date.now();
+    const ticker = this.#startWorking(id, options.working);
+    try {
+      await this.#handler({ message, id, recordId: rid, signal: claim.signal, takeover: claim.takeover });
+    } catch (error) {
+      clearInterval(ticker);
+      await claim.release('handler failed');
+      this.#emit('released', { id, recordId: rid, error });
+      return { action: 'failed', id, recordId: rid, error };
+    }
+    clearInterval(ticker);
+    if (claim.lost) {
+      // The new owner decides; a redelivery will learn its outcome.
+      await claim.release('lease lost');
+      this.#emit('fenced', { id, recordId: rid });
+      return { action: 'fenced', id, recordId: rid };
+    }
+    let stored: boolean;
+    try {
+      stored = await claim.complete(STORED_OUTCOME);
+    } catch (error) {
+      // The effect happened but is not recorded: the record stays in progress
+      // until its lease ends, then a redelivery runs it again (at least once).
+      return { action: 'store_error', id, recordId: rid, error };
+    }
+    if (!stored) {
+      this.#emit('fenced', { id, recordId: rid });
+      return { action: 'fenced', id, recordId: rid };
+    }
+    this.#emit('processed', { id, recordId: rid, takeover: claim.takeover, ms: Date.now() - started });
+    return { action: 'processed', id, recordId: rid, takeover: claim.takeover };
+  }
+
+  #startWorking(id: string, working: (() => unknown) | undefined): NodeJS.Timeout | undefined {
+    if (!working) return undefined;
+    const timer = setInterval(() => {
+      try {
+        const out = working();
+        if (out && typeof (out as Promise<unknown>).then === 'function') {
+          (out as Promise<unknown>).then(undefined, (error: unknown) => this.#emit('workingError', { id, error }));
+        }
+      } catch (error) {
+        this.#emit('workingError', { id, error });
+      }
+    }, this.#workingIntervalMs);
+    timer.unref();
+    return timer;
+  }
+}
+
+/**
+ * Read a header value from the header shapes brokers use: a plain object
+ * (amqplib, KafkaJS: strings, Buffers or arrays of them) or a `get`-able map
+ * (NATS `MsgHdrs`). Answers `undefined` when absent or empty.
+ *
+ * @example
+ * ```ts
+ * headerValue({ 'event-id': Buffer.from('e1') }, 'event-id'); // 'e1'
+ * ```
+ */
+export function headerValue(headers: unknown, name: string): string | undefined {
+  if (headers === null || headers === undefined) return undefined;
+  let value: unknown;
+  const h = headers as { get?: (k: string) => unknown; has?: (k: string) => boolean };
+  if (typeof h.get === 'function') {
+    if (typeof h.has === 'function' && !h.has(name)) return undefined;
+    value = h.get(name);
+  } else {
+    const record = headers as Record<string, unknown>;
+    value = record[name];
+    if (value === undefined) {
+      const lower = name.toLowerCase();
+      for (const key of Object.keys(record)) {
+        if (key.toLowerCase() === lower) {
+          value = record[key];
+          break;
+        }
+      }
+    }
+  }
+  if (Array.isArray(value)) value = value[0];
+  if (value === null || value === undefined) return undefined;
+  const text = typeof value === 'string' ? value : value instanceof Uint8Array ? Buffer.from(value).toString('utf8') : String(value);
+  return text.length > 0 ? text : undefined;
+}
+
+/**
+ * Run an adapter's message-id function safely: a missing, empty or throwing
+ * id is reported as a `missingId` event and answers `undefined`.
+ * @internal Shared by the adapters.
+ *
+ * @example
+ * ```ts
+ * const id = readMessageId(consumer, () => msg.properties.messageId);
+ * ```
+ */
+export function readMessageId(
+  consumer: { emit(name: 'missingId', event: ConsumerEvents['missingId']): void },
+  read: () => unknown,
+): string | undefined {
+  let error: unknown;
+  try {
+    const id = read();
+    if (typeof id === 'string' && id.length > 0) return id;
+    if (typeof id === 'number' || typeof id === 'bigint') return String(id);
+    error = new ConfigError('The message has no id (the messageId function returned nothing).');
+  } catch (e) {
+    error = e;
+  }
+  consumer.emit('missingId', { error });
+  return undefined;
+}
+
+/** Sleep that does not keep the process alive. @internal */
+export function pause(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms).unref());
+}
