@@ -1,0 +1,242 @@
+/**
+ * The reference system as a Fastify app: payments, trades, orders and
+ * users behind a demo bearer token, with every POST made idempotent by the
+ * `oncely` plugin, scoped to the caller's account. See docs/reference.md.
+ *
+ * @example
+ * ```ts
+ * import { startReference } from './reference/app.js';
+ * const ref = await startReference({ storeUrl: 'memory:', dataDir: '/tmp/ref', port: 0 });
+ * console.log(ref.url); // http://127.0.0.1:54321
+ * await ref.close();
+ * ```
+ * @module
+ */
+import type { AddressInfo } from 'node:net';
+import Fastify, { type FastifyInstance } from 'fastify';
+import type { IdempotencyStore } from 'oncely';
+import { oncely } from 'oncely/fastify';
+import { type BusinessDb, openBusinessDb } from './db.js';
+import { orderRoutes } from './orders.js';
+import { type LedgerLike, paymentRoutes } from './payments.js';
+import { installProblemHandlers, problem, sendProblem } from './problem.js';
+import { DEFAULT_STORE_URL, type OpenedStore, openStore } from './store-url.js';
+import { tradeRoutes } from './trades.js';
+import { userRoutes } from './users.js';
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    /** The account named by the bearer token (the idempotency scope). */
+    account: string;
+  }
+}
+
+/** Options of {@link buildApp} and {@link startReference}; env names in brackets. */
+export interface ReferenceOptions {
+  /** Where idempotency records live [`STORE_URL`, default `sqlite:./data/oncely.db`]. */
+  storeUrl?: string;
+  /** A store to use instead of `storeUrl` (tests); it is not closed by the app. */
+  store?: IdempotencyStore;
+  /** Directory of the business database `reference.db` [`DATA_DIR`, default `./data`]. */
+  dataDir?: string;
+  /** [`HOST`, default `127.0.0.1`] */
+  host?: string;
+  /** [`PORT`, default 3000; 0 picks a free port] */
+  port?: number;
+  /** Lease of an idempotent request, ms [`LEASE_MS`, default 30000]. */
+  leaseMs?: number;
+  /** `false` switches the idempotency layer off: keys are ignored [`IDEMPOTENCY=off`]. */
+  idempotency?: boolean;
+  /** Wait this long for an in-flight duplicate and replay its answer, instead of a 409 [`WAIT_MS`]. */
+  waitMs?: number;
+  /** The payment handler sleeps this long before charging: a slow PSP [`PAYMENT_DELAY_MS`]. */
+  paymentDelayMs?: number;
+  /** The payment handler sleeps this long after committing, before answering [`PAYMENT_DELAY_AFTER_MS`]. */
+  paymentDelayAfterMs?: number;
+  /** The order handler sleeps this long after paying, before recording the order [`ORDER_DELAY_MS`]. */
+  orderDelayMs?: number;
+  /** Largest request body, bytes [`BODY_LIMIT`, default 1 MiB]. */
+  bodyLimit?: number;
+  /** Fastify request logging [`LOG=1`]. */
+  logger?: boolean;
+  /** The app's own base URL, for the orders → payments call; default: the address it listens on. */
+  baseUrl?: string;
+  /**
+   * SEAM (ledger): makes the ledger over the business database. Payments
+   * then record their event in its outbox inside the payment transaction,
+   * `GET /ledger` shows it, and it is started and stopped with the app.
+   */
+  ledger?: (db: BusinessDb) => LedgerLike;
+}
+
+/** What the route modules share. */
+export interface RouteContext {
+  db: BusinessDb;
+  ledger: LedgerLike | undefined;
+  paymentDelayMs: number;
+  paymentDelayAfterMs: number;
+  orderDelayMs: number;
+  /** The app's own base URL (known once it listens). */
+  baseUrl(): string;
+}
+
+/** `Authorization: Bearer <account>`, the account being 1-64 of `[A-Za-z0-9_-]`. */
+const BEARER = /^Bearer +([A-Za-z0-9_-]{1,64}) *$/i;
+
+function ownUrl(app: FastifyInstance): string {
+  const address = app.server.address() as AddressInfo | string | null;
+  if (address === null || typeof address === 'string') {
+    throw new Error('the reference app is not listening on a TCP port, so it cannot call itself');
+  }
+  const host =
+    address.address === '0.0.0.0' || address.address === '::'
+      ? '127.0.0.1'
+      : address.family === 'IPv6'
+        ? `[${address.address}]`
+        : address.address;
+  return `http://${host}:${address.port}`;
+}
+
+/**
+ * Build the reference app, ready to listen: opens the store and the
+ * business database (both closed by `app.close()`).
+ */
+export async function buildApp(options: ReferenceOptions = {}): Promise<FastifyInstance> {
+  const opened: OpenedStore | undefined = options.store ? undefined : await openStore(options.storeUrl ?? DEFAULT_STORE_URL);
+  const store = options.store ?? opened!.store;
+  let db: BusinessDb;
+  try {
+    db = openBusinessDb(options.dataDir ?? './data');
+  } catch (error) {
+    await opened?.close();
+    throw error;
+  }
+  const ledger = options.ledger?.(db);
+
+  const app = Fastify({
+    logger: options.logger ?? false,
+    bodyLimit: options.bodyLimit ?? 1024 * 1024,
+    // Amounts must be numbers, not strings that look like numbers: no coercion, nothing dropped silently.
+    ajv: { customOptions: { coerceTypes: false, removeAdditional: false, allErrors: true } },
+  });
+  installProblemHandlers(app);
+
+  app.decorateRequest('account', '');
+  // Auth first (onRequest runs before body parsing and before oncely's preHandler).
+  app.addHook('onRequest', async (request, reply) => {
+    if (request.url === '/healthz' || request.url.startsWith('/healthz?')) return;
+    const header = request.headers.authorization;
+    const match = typeof header === 'string' ? BEARER.exec(header) : null;
+    if (!match) {
+      return sendProblem(
+        reply,
+        problem(
+          'unauthorized',
+          header === undefined
+            ? 'Send Authorization: Bearer <account>, where <account> is 1-64 characters of [A-Za-z0-9_-].'
+            : 'The bearer token is malformed: it must be 1-64 characters of [A-Za-z0-9_-].',
+        ),
+        { 'www-authenticate': 'Bearer realm="oncely-reference"' },
+      );
+    }
+    request.account = match[1]!;
+  });
+
+  if (options.idempotency !== false) {
+    await app.register(oncely, {
+      store,
+      methods: ['POST'],
+      scope: (request) => request.account,
+      leaseMs: options.leaseMs ?? 30_000,
+      wait: options.waitMs ? { timeoutMs: options.waitMs } : false,
+    });
+  }
+
+  const ctx: RouteContext = {
+    db,
+    ledger,
+    paymentDelayMs: options.paymentDelayMs ?? 0,
+    paymentDelayAfterMs: options.paymentDelayAfterMs ?? 0,
+    orderDelayMs: options.orderDelayMs ?? 0,
+    baseUrl: () => options.baseUrl ?? ownUrl(app),
+  };
+
+  app.get('/healthz', async () => ({
+    status: 'ok',
+    store: opened?.kind ?? store.name,
+    idempotency: options.idempotency !== false,
+  }));
+  await app.register(async (scoped) => {
+    await paymentRoutes(scoped, ctx);
+    await tradeRoutes(scoped, ctx);
+    await userRoutes(scoped, ctx);
+    await orderRoutes(scoped, ctx);
+  });
+
+  if (ledger) {
+    app.addHook('onReady', async () => {
+      await ledger.start();
+    });
+  }
+  app.addHook('onClose', async () => {
+    if (ledger) await ledger.stop();
+    await opened?.close();
+    db.close();
+  });
+  await app.ready();
+  return app;
+}
+
+/** A running reference system (see {@link startReference}). */
+export interface RunningReference {
+  /** Base URL, e.g. `http://127.0.0.1:3000`. */
+  url: string;
+  app: FastifyInstance;
+  /** Stop accepting requests, finish those in flight, close the store and database. */
+  close(): Promise<void>;
+}
+
+/** Build the app and listen on `host`:`port` (default 127.0.0.1:3000; port 0 picks one). */
+export async function startReference(options: ReferenceOptions = {}): Promise<RunningReference> {
+  const app = await buildApp(options);
+  try {
+    await app.listen({ host: options.host ?? '127.0.0.1', port: options.port ?? 3000 });
+  } catch (error) {
+    await app.close();
+    throw error;
+  }
+  const url = ownUrl(app);
+  return { url, app, close: () => app.close() };
+}
+
+function envNumber(env: NodeJS.ProcessEnv, name: string, min: number): number | undefined {
+  const raw = env[name];
+  if (raw === undefined || raw.trim() === '') return undefined;
+  const value = Number(raw);
+  if (!Number.isInteger(value) || value < min) {
+    throw new Error(`${name} must be an integer >= ${min}, got ${JSON.stringify(raw)}`);
+  }
+  return value;
+}
+
+/** Read {@link ReferenceOptions} from the environment (see docs/reference.md). */
+export function referenceOptionsFromEnv(env: NodeJS.ProcessEnv = process.env): ReferenceOptions {
+  const idempotency = (env.IDEMPOTENCY ?? 'on').toLowerCase();
+  if (!['on', 'off', 'true', 'false', '1', '0'].includes(idempotency)) {
+    throw new Error(`IDEMPOTENCY must be on or off, got ${JSON.stringify(env.IDEMPOTENCY)}`);
+  }
+  return {
+    storeUrl: env.STORE_URL || DEFAULT_STORE_URL,
+    dataDir: env.DATA_DIR || './data',
+    host: env.HOST || '127.0.0.1',
+    port: envNumber(env, 'PORT', 0) ?? 3000,
+    leaseMs: envNumber(env, 'LEASE_MS', 1) ?? 30_000,
+    idempotency: !['off', 'false', '0'].includes(idempotency),
+    waitMs: envNumber(env, 'WAIT_MS', 0),
+    paymentDelayMs: envNumber(env, 'PAYMENT_DELAY_MS', 0) ?? 0,
+    paymentDelayAfterMs: envNumber(env, 'PAYMENT_DELAY_AFTER_MS', 0) ?? 0,
+    orderDelayMs: envNumber(env, 'ORDER_DELAY_MS', 0) ?? 0,
+    bodyLimit: envNumber(env, 'BODY_LIMIT', 1) ?? 1024 * 1024,
+    logger: env.LOG === '1' || env.LOG === 'true',
+  };
+}

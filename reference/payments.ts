@@ -1,0 +1,179 @@
+/**
+ * Payments: `POST /payments` (idempotent through oncely), `GET /payments`,
+ * `GET /payments/:id`, and `GET /ledger` when a ledger is wired.
+ *
+ * Belt and braces: the payment row stores the idempotency record id
+ * (`request.idempotency.id`), UNIQUE per account, and is inserted in one
+ * SQLite transaction with the ledger's outbox event. A handler that runs
+ * again after a crash (lease takeover) finds the payment its predecessor
+ * committed and answers with it instead of charging twice.
+ *
+ * @module
+ */
+import type { FastifyInstance, FastifyReply } from 'fastify';
+import type { RouteContext } from './app.js';
+import { newId, pause } from './db.js';
+import { problem, ProblemError } from './problem.js';
+
+/** A payment as the API answers it. */
+export interface Payment {
+  id: string;
+  amount: number;
+  currency: string;
+  status: 'succeeded';
+  created: string;
+  customer?: string;
+  description?: string;
+}
+
+/** The event a payment emits to the ledger (through its outbox). */
+export interface PaymentEvent {
+  id: string;
+  type: 'payment.succeeded';
+  account: string;
+  payment: string;
+  amount: number;
+  currency: string;
+}
+
+/**
+ * What the reference needs of the ledger (`reference/ledger`, built
+ * separately): `recordInOutbox` is called synchronously inside the payment's
+ * better-sqlite3 transaction.
+ */
+export interface LedgerLike {
+  recordInOutbox(event: PaymentEvent): void;
+  start(): unknown;
+  stop(): unknown;
+  view(account: string): unknown;
+}
+
+interface PaymentRow {
+  id: string;
+  amount: number;
+  currency: string;
+  status: string;
+  created: string;
+  customer: string | null;
+  description: string | null;
+}
+
+interface PaymentBody {
+  amount: number;
+  currency: string;
+  customer?: string;
+  description?: string;
+}
+
+/** Largest amount accepted, minor units (exact in a JSON number). */
+export const MAX_AMOUNT = Number.MAX_SAFE_INTEGER;
+
+const paymentBodySchema = {
+  type: 'object',
+  required: ['amount', 'currency'],
+  additionalProperties: false,
+  properties: {
+    amount: { type: 'integer', minimum: 1, maximum: MAX_AMOUNT },
+    currency: { type: 'string', pattern: '^[A-Z]{3}$' },
+    customer: { type: 'string', minLength: 1, maxLength: 255 },
+    description: { type: 'string', maxLength: 1000 },
+  },
+} as const;
+
+const idParams = {
+  type: 'object',
+  required: ['id'],
+  properties: { id: { type: 'string', minLength: 1, maxLength: 64 } },
+} as const;
+
+function view(row: PaymentRow): Payment {
+  const payment: Payment = {
+    id: row.id,
+    amount: row.amount,
+    currency: row.currency,
+    status: 'succeeded',
+    created: row.created,
+  };
+  if (row.customer !== null) payment.customer = row.customer;
+  if (row.description !== null) payment.description = row.description;
+  return payment;
+}
+
+function created(reply: FastifyReply, payment: Payment): FastifyReply {
+  return reply.code(201).header('location', `/payments/${payment.id}`).send(payment);
+}
+
+/** Register the payment routes. */
+export async function paymentRoutes(app: FastifyInstance, ctx: RouteContext): Promise<void> {
+  const { db, ledger } = ctx;
+  const columns = 'id, amount, currency, status, created, customer, description';
+  const byIdempotency = db.prepare(`SELECT ${columns} FROM payments WHERE account = ? AND idempotency_id = ?`);
+  const byId = db.prepare(`SELECT ${columns} FROM payments WHERE account = ? AND id = ?`);
+  const list = db.prepare(`SELECT ${columns} FROM payments WHERE account = ? ORDER BY seq`);
+  const insert = db.prepare(
+    `INSERT INTO payments (id, account, idempotency_id, amount, currency, customer, description, status, created)
+     VALUES (?, ?, ?, ?, ?, ?, ?, 'succeeded', ?)`,
+  );
+
+  /** Insert the payment and its outbox event atomically; answer an existing one for the same record id. */
+  const charge = db.transaction((account: string, idempotencyId: string | null, body: PaymentBody): PaymentRow => {
+    if (idempotencyId !== null) {
+      const existing = byIdempotency.get(account, idempotencyId) as PaymentRow | undefined;
+      if (existing) return existing;
+    }
+    const row: PaymentRow = {
+      id: newId('pay'),
+      amount: body.amount,
+      currency: body.currency,
+      status: 'succeeded',
+      created: new Date().toISOString(),
+      customer: body.customer ?? null,
+      description: body.description ?? null,
+    };
+    insert.run(row.id, account, idempotencyId, row.amount, row.currency, row.customer, row.description, row.created);
+    // SEAM (ledger): the event commits or rolls back with the payment.
+    if (ledger) {
+      ledger.recordInOutbox({
+        id: `evt_${row.id}`,
+        type: 'payment.succeeded',
+        account,
+        payment: row.id,
+        amount: row.amount,
+        currency: row.currency,
+      });
+    }
+    return row;
+  });
+
+  app.post<{ Body: PaymentBody }>('/payments', { schema: { body: paymentBodySchema } }, async (request, reply) => {
+    const account = request.account;
+    const run = request.idempotency;
+    const idempotencyId = run?.id ?? null;
+    if (idempotencyId !== null) {
+      // A re-executed request (takeover after a crash) answers with the payment already made.
+      const existing = byIdempotency.get(account, idempotencyId) as PaymentRow | undefined;
+      if (existing) return created(reply, view(existing));
+    }
+    // The slow payment provider (PAYMENT_DELAY_MS); stops when the lease is lost.
+    await pause(ctx.paymentDelayMs, run?.signal);
+    if (run?.signal.aborted) throw run.signal.reason;
+    const row = charge.immediate(account, idempotencyId, request.body);
+    // A window after the commit and before the answer (PAYMENT_DELAY_AFTER_MS), to crash in.
+    await pause(ctx.paymentDelayAfterMs);
+    return created(reply, view(row));
+  });
+
+  app.get('/payments', async (request) => ({
+    data: (list.all(request.account) as PaymentRow[]).map(view),
+  }));
+
+  app.get<{ Params: { id: string } }>('/payments/:id', { schema: { params: idParams } }, async (request) => {
+    const row = byId.get(request.account, request.params.id) as PaymentRow | undefined;
+    if (!row) throw new ProblemError(problem('not-found', `This account has no payment ${request.params.id}.`));
+    return view(row);
+  });
+
+  if (ledger) {
+    app.get('/ledger', async (request) => ledger.view(request.account));
+  }
+}

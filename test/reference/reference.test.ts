@@ -1,0 +1,543 @@
+/**
+ * The reference system end to end, in-process on a real port, against the
+ * memory store and a temporary SQLite file: every endpoint, the DESIGN 4
+ * table through the reference, bad input (a clear 4xx and nothing stored),
+ * auth before idempotency, and scope.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import http from 'node:http';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { IdempotencyStore } from 'oncely';
+import { memoryStore } from 'oncely/stores/memory';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { type ReferenceOptions, type RunningReference, startReference } from '../../reference/app.js';
+
+const PROBLEM = /^application\/problem\+json/;
+const BODY_LIMIT = 16 * 1024;
+const dirs: string[] = [];
+
+function tempDir(): string {
+  const dir = mkdtempSync(join(tmpdir(), 'oncely-ref-'));
+  dirs.push(dir);
+  return dir;
+}
+
+afterAll(() => {
+  for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
+});
+
+let seq = 0;
+/** A fresh key (and a fresh account when asked), unique per run. */
+const fresh = (prefix = 'k'): string => `${prefix}-${process.pid}-${Date.now().toString(36)}-${++seq}`;
+
+interface Answer {
+  status: number;
+  headers: Headers;
+  text: string;
+  json: () => Record<string, unknown>;
+}
+
+async function call(
+  base: string,
+  method: string,
+  path: string,
+  options: { account?: string | null; key?: string; body?: unknown; rawBody?: string; headers?: Record<string, string> } = {},
+): Promise<Answer> {
+  const headers: Record<string, string> = { ...options.headers };
+  if (options.account !== null) headers.authorization = `Bearer ${options.account ?? 'acct_default'}`;
+  if (options.key !== undefined) headers['idempotency-key'] = options.key;
+  let body: string | undefined;
+  if (options.rawBody !== undefined) body = options.rawBody;
+  else if (options.body !== undefined) body = JSON.stringify(options.body);
+  if (body !== undefined) headers['content-type'] ??= 'application/json';
+  const res = await fetch(base + path, { method, headers, body });
+  const text = await res.text();
+  return { status: res.status, headers: res.headers, text, json: () => JSON.parse(text) as Record<string, unknown> };
+}
+
+/** A request through node:http, for what fetch refuses: raw latin1 header bytes, repeated fields. */
+function raw(
+  base: string,
+  path: string,
+  headers: http.OutgoingHttpHeaders,
+  body: string,
+): Promise<{ status: number; headers: http.IncomingHttpHeaders; text: string }> {
+  return new Promise((resolve, reject) => {
+    const req = http.request(
+      base + path,
+      { method: 'POST', headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), ...headers } },
+      (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (c: Buffer) => chunks.push(c));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, text: Buffer.concat(chunks).toString() }));
+        res.on('error', reject);
+      },
+    );
+    req.on('error', reject);
+    req.end(body);
+  });
+}
+
+async function paymentCount(base: string, account: string): Promise<number> {
+  const res = await call(base, 'GET', '/payments', { account });
+  expect(res.status).toBe(200);
+  return (res.json().data as unknown[]).length;
+}
+
+function expectProblem(res: { status: number; headers: Headers | http.IncomingHttpHeaders; text: string }, status: number): Record<string, unknown> {
+  expect(res.status, res.text).toBe(status);
+  const type = res.headers instanceof Headers ? res.headers.get('content-type') : res.headers['content-type'];
+  expect(type).toMatch(PROBLEM);
+  const body = JSON.parse(res.text) as Record<string, unknown>;
+  expect(body.status).toBe(status);
+  expect(typeof body.type).toBe('string');
+  expect(typeof body.title).toBe('string');
+  expect(typeof body.detail).toBe('string');
+  return body;
+}
+
+const PAY = { amount: 4200, currency: 'EUR' };
+
+const variants: Array<[string, () => string]> = [
+  ['memory', () => 'memory:'],
+  ['sqlite', () => `sqlite:${join(tempDir(), 'oncely.db')}`],
+];
+
+describe.each(variants)('reference system on the %s store', (kind, storeUrl) => {
+  let ref: RunningReference;
+  let slow: RunningReference;
+  let url: string;
+  let dataDir: string;
+  let options: ReferenceOptions;
+
+  beforeAll(async () => {
+    dataDir = tempDir();
+    options = { storeUrl: storeUrl(), dataDir, port: 0, bodyLimit: BODY_LIMIT };
+    ref = await startReference(options);
+    url = ref.url;
+    slow = await startReference({ storeUrl: 'memory:', dataDir: tempDir(), port: 0, paymentDelayMs: 600 });
+  });
+  afterAll(async () => {
+    await ref?.close();
+    await slow?.close();
+  });
+
+  it('answers GET /healthz without a token', async () => {
+    const res = await call(url, 'GET', '/healthz', { account: null });
+    expect(res.status).toBe(200);
+    expect(res.json()).toMatchObject({ status: 'ok', store: kind, idempotency: true });
+  });
+
+  it('creates a payment: 201, Location, the body; GET /payments/:id and GET /payments return it', async () => {
+    const account = fresh('acct');
+    const res = await call(url, 'POST', '/payments', {
+      account,
+      key: fresh(),
+      body: { amount: 1999, currency: 'USD', customer: 'cus_1', description: 'socks' },
+    });
+    expect(res.status, res.text).toBe(201);
+    const payment = res.json();
+    expect(payment).toMatchObject({ amount: 1999, currency: 'USD', status: 'succeeded', customer: 'cus_1', description: 'socks' });
+    expect(payment.id).toMatch(/^pay_[0-9a-f]{24}$/);
+    expect(new Date(payment.created as string).toISOString()).toBe(payment.created);
+    expect(res.headers.get('location')).toBe(`/payments/${payment.id}`);
+    expect(res.headers.get('idempotent-replayed')).toBeNull();
+
+    const one = await call(url, 'GET', `/payments/${payment.id}`, { account });
+    expect(one.status).toBe(200);
+    expect(one.json()).toEqual(payment);
+    const all = await call(url, 'GET', '/payments', { account });
+    expect(all.json()).toEqual({ data: [payment] });
+  });
+
+  it('replays a completed payment: same status, identical body, Idempotent-Replayed: true, no second payment', async () => {
+    const account = fresh('acct');
+    const key = fresh();
+    const first = await call(url, 'POST', '/payments', { account, key, body: PAY });
+    expect(first.status).toBe(201);
+    for (let i = 0; i < 3; i++) {
+      const again = await call(url, 'POST', '/payments', { account, key, body: PAY });
+      expect(again.status).toBe(201);
+      expect(again.text).toBe(first.text);
+      expect(again.headers.get('idempotent-replayed')).toBe('true');
+      expect(again.headers.get('location')).toBe(first.headers.get('location'));
+      expect(again.headers.get('content-type')).toBe(first.headers.get('content-type'));
+    }
+    // Key order and whitespace do not change the fingerprint (canonical JSON).
+    const reordered = await call(url, 'POST', '/payments', { account, key, rawBody: '{ "currency": "EUR",  "amount": 4200 }' });
+    expect(reordered.status).toBe(201);
+    expect(reordered.headers.get('idempotent-replayed')).toBe('true');
+    expect(await paymentCount(url, account)).toBe(1);
+  });
+
+  it('refuses the same key with a different body: 422 problem, nothing changes', async () => {
+    const account = fresh('acct');
+    const key = fresh();
+    const first = await call(url, 'POST', '/payments', { account, key, body: PAY });
+    expect(first.status).toBe(201);
+    const other = await call(url, 'POST', '/payments', { account, key, body: { ...PAY, amount: 4201 } });
+    const body = expectProblem(other, 422);
+    expect(body.type).toBe('https://oncely.dev/problems/key-reused');
+    // The same key on another endpoint is another request too.
+    const trade = await call(url, 'POST', '/execute-trade', {
+      account,
+      key,
+      body: { symbol: 'ACME', side: 'buy', quantity: 1, price: 1 },
+    });
+    expectProblem(trade, 422);
+    const again = await call(url, 'POST', '/payments', { account, key, body: PAY });
+    expect(again.text).toBe(first.text);
+    expect(await paymentCount(url, account)).toBe(1);
+  });
+
+  it('requires Idempotency-Key on POST: 400 "Idempotency-Key is missing", handler not run', async () => {
+    const account = fresh('acct');
+    for (const [path, body] of [
+      ['/payments', PAY],
+      ['/execute-trade', { symbol: 'ACME', side: 'sell', quantity: 1, price: 2.5 }],
+      ['/orders', { currency: 'EUR', items: [{ sku: 'a', quantity: 1, price: 1 }] }],
+    ] as const) {
+      const res = await call(url, 'POST', path, { account, body });
+      const problem = expectProblem(res, 400);
+      expect(problem.title).toBe('Idempotency-Key is missing');
+      expect(problem.type).toBe('https://oncely.dev/problems/key-missing');
+    }
+    expect(await paymentCount(url, account)).toBe(0);
+  });
+
+  describe('bad input: a clear 4xx problem, nothing stored, the key still usable', () => {
+    it('an empty key', async () => {
+      const account = fresh('acct');
+      const res = await raw(url, '/payments', { authorization: `Bearer ${account}`, 'idempotency-key': '' }, JSON.stringify(PAY));
+      const body = expectProblem(res, 400);
+      expect(body.type).toBe('https://oncely.dev/problems/key-malformed');
+      expect(body.detail).toMatch(/empty/);
+      const quoted = await call(url, 'POST', '/payments', { account, key: '""', body: PAY });
+      expectProblem(quoted, 400);
+      expect(await paymentCount(url, account)).toBe(0);
+    });
+
+    it('a 256-character key (255 is accepted)', async () => {
+      const account = fresh('acct');
+      const long = await call(url, 'POST', '/payments', { account, key: 'a'.repeat(256), body: PAY });
+      const body = expectProblem(long, 400);
+      expect(body.type).toBe('https://oncely.dev/problems/key-malformed');
+      expect(body.detail).toMatch(/256/);
+      expect(await paymentCount(url, account)).toBe(0);
+      const max = await call(url, 'POST', '/payments', { account, key: 'a'.repeat(255), body: PAY });
+      expect(max.status).toBe(201);
+      expect(await paymentCount(url, account)).toBe(1);
+    });
+
+    it('a non-ASCII key (raw bytes)', async () => {
+      const account = fresh('acct');
+      const key = `clé-${fresh()}`;
+      const latin1 = Buffer.from(key, 'utf8').toString('latin1');
+      const res = await raw(url, '/payments', { authorization: `Bearer ${account}`, 'idempotency-key': latin1 }, JSON.stringify(PAY));
+      const body = expectProblem(res, 400);
+      expect(body.type).toBe('https://oncely.dev/problems/key-malformed');
+      expect(body.detail).toMatch(/ASCII/);
+      const spaced = await call(url, 'POST', '/payments', { account, key: 'a b', body: PAY });
+      expectProblem(spaced, 400);
+      expect(await paymentCount(url, account)).toBe(0);
+    });
+
+    it('two Idempotency-Key headers, and a comma list', async () => {
+      const account = fresh('acct');
+      const a = fresh();
+      const b = fresh();
+      const res = await raw(url, '/payments', { authorization: `Bearer ${account}`, 'idempotency-key': [a, b] }, JSON.stringify(PAY));
+      const body = expectProblem(res, 400);
+      expect(body.type).toBe('https://oncely.dev/problems/key-malformed');
+      const list = await call(url, 'POST', '/payments', { account, key: `${a}, ${b}`, body: PAY });
+      expectProblem(list, 400);
+      expect(await paymentCount(url, account)).toBe(0);
+      // Neither key was consumed.
+      expect((await call(url, 'POST', '/payments', { account, key: a, body: PAY })).status).toBe(201);
+      expect((await call(url, 'POST', '/payments', { account, key: b, body: PAY })).headers.get('idempotent-replayed')).toBeNull();
+      expect(await paymentCount(url, account)).toBe(2);
+    });
+
+    it('a body that is not valid JSON, and an empty JSON body', async () => {
+      const account = fresh('acct');
+      const key = fresh();
+      const res = await call(url, 'POST', '/payments', { account, key, rawBody: '{"amount": 42, "currency": ' });
+      const body = expectProblem(res, 400);
+      expect(body.type).toBe('https://oncely.dev/problems/body-invalid');
+      const empty = await call(url, 'POST', '/payments', { account, key, rawBody: '' });
+      expectProblem(empty, 400);
+      expect(await paymentCount(url, account)).toBe(0);
+      const ok = await call(url, 'POST', '/payments', { account, key, body: PAY });
+      expect(ok.status).toBe(201);
+      expect(ok.headers.get('idempotent-replayed')).toBeNull();
+    });
+
+    it('a body over the configured limit: 413', async () => {
+      const account = fresh('acct');
+      const key = fresh();
+      const big = JSON.stringify({ ...PAY, description: 'x'.repeat(BODY_LIMIT) });
+      const res = await raw(url, '/payments', { authorization: `Bearer ${account}`, 'idempotency-key': key }, big);
+      const body = expectProblem(res, 413);
+      expect(body.type).toBe('https://oncely.dev/problems/body-too-large');
+      expect(await paymentCount(url, account)).toBe(0);
+      const ok = await call(url, 'POST', '/payments', { account, key, body: PAY });
+      expect(ok.status).toBe(201);
+      expect(ok.headers.get('idempotent-replayed')).toBeNull();
+    });
+
+    it('an invalid payment body: 400 problem naming the field, the key not consumed', async () => {
+      const account = fresh('acct');
+      const key = fresh();
+      const invalid: unknown[] = [
+        { amount: 0, currency: 'EUR' },
+        { amount: -5, currency: 'EUR' },
+        { amount: 1.5, currency: 'EUR' },
+        { amount: '4200', currency: 'EUR' },
+        { amount: 4200, currency: 'eur' },
+        { amount: 4200, currency: 'EURO' },
+        { amount: 4200 },
+        { currency: 'EUR' },
+        { amount: 4200, currency: 'EUR', customer: 42 },
+        { amount: 4200, currency: 'EUR', description: ['x'] },
+        { amount: 4200, currency: 'EUR', ammount: 1 },
+        [PAY],
+        'pay',
+      ];
+      for (const body of invalid) {
+        const res = await call(url, 'POST', '/payments', { account, key, body });
+        const problem = expectProblem(res, 400);
+        expect(problem.type).toBe('https://oncely.dev/problems/reference/validation');
+      }
+      const text = await call(url, 'POST', '/payments', {
+        account,
+        key,
+        rawBody: 'amount=1',
+        headers: { 'content-type': 'application/x-www-form-urlencoded' },
+      });
+      expectProblem(text, 415);
+      expect(await paymentCount(url, account)).toBe(0);
+      const ok = await call(url, 'POST', '/payments', { account, key, body: PAY });
+      expect(ok.status).toBe(201);
+      expect(ok.headers.get('idempotent-replayed')).toBeNull();
+    });
+  });
+
+  it('answers 401 before the idempotency layer: missing or malformed token, the key not consumed', async () => {
+    const key = fresh();
+    const account = fresh('acct');
+    const cases: Array<Record<string, string>> = [
+      {},
+      { authorization: 'Bearer' },
+      { authorization: 'Bearer ' },
+      { authorization: `Basic ${Buffer.from('a:b').toString('base64')}` },
+      { authorization: 'Bearer has space' },
+      { authorization: 'Bearer acct!' },
+      { authorization: `Bearer ${'a'.repeat(65)}` },
+    ];
+    for (const headers of cases) {
+      const res = await call(url, 'POST', '/payments', { account: null, key, body: PAY, headers });
+      const body = expectProblem(res, 401);
+      expect(body.type).toBe('https://oncely.dev/problems/reference/unauthorized');
+      expect(res.headers.get('www-authenticate')).toMatch(/^Bearer/);
+    }
+    // Without a key at all, still 401 (auth comes first), not 400.
+    expectProblem(await call(url, 'POST', '/payments', { account: null, body: PAY }), 401);
+    expectProblem(await call(url, 'GET', '/payments', { account: null }), 401);
+    const ok = await call(url, 'POST', '/payments', { account, key, body: PAY });
+    expect(ok.status).toBe(201);
+    expect(ok.headers.get('idempotent-replayed')).toBeNull();
+    // 64 characters is the longest account.
+    expect((await call(url, 'GET', '/payments', { account: 'A'.repeat(64) })).status).toBe(200);
+  });
+
+  it('scopes keys to the account: the same key from two accounts makes two payments, each sees only its own', async () => {
+    const key = fresh();
+    const alice = fresh('alice');
+    const bob = fresh('bob');
+    const a = await call(url, 'POST', '/payments', { account: alice, key, body: PAY });
+    const b = await call(url, 'POST', '/payments', { account: bob, key, body: PAY });
+    expect(a.status).toBe(201);
+    expect(b.status).toBe(201);
+    expect(b.headers.get('idempotent-replayed')).toBeNull();
+    expect(a.json().id).not.toBe(b.json().id);
+    expect(await paymentCount(url, alice)).toBe(1);
+    expect(await paymentCount(url, bob)).toBe(1);
+    const foreign = await call(url, 'GET', `/payments/${a.json().id}`, { account: bob });
+    expect(expectProblem(foreign, 404).type).toBe('https://oncely.dev/problems/reference/not-found');
+    expectProblem(await call(url, 'GET', '/payments/pay_nope', { account: alice }), 404);
+  });
+
+  it('answers an in-flight duplicate with 409 and Retry-After, then replays once the first finishes', async () => {
+    const account = fresh('acct');
+    const key = fresh();
+    const first = call(slow.url, 'POST', '/payments', { account, key, body: PAY });
+    await new Promise((r) => setTimeout(r, 150));
+    const dup = await call(slow.url, 'POST', '/payments', { account, key, body: PAY });
+    const body = expectProblem(dup, 409);
+    expect(body.type).toBe('https://oncely.dev/problems/in-flight');
+    expect(Number(dup.headers.get('retry-after'))).toBeGreaterThanOrEqual(1);
+    // A different body while in flight is still a mismatch.
+    expectProblem(await call(slow.url, 'POST', '/payments', { account, key, body: { ...PAY, amount: 1 } }), 422);
+    const done = await first;
+    expect(done.status).toBe(201);
+    const replay = await call(slow.url, 'POST', '/payments', { account, key, body: PAY });
+    expect(replay.status).toBe(201);
+    expect(replay.text).toBe(done.text);
+    expect(replay.headers.get('idempotent-replayed')).toBe('true');
+    expect(await paymentCount(slow.url, account)).toBe(1);
+  });
+
+  it('executes trades idempotently', async () => {
+    const account = fresh('acct');
+    const key = fresh();
+    const order = { symbol: 'ACME', side: 'buy', quantity: 10, price: 12.34 };
+    const res = await call(url, 'POST', '/execute-trade', { account, key, body: order });
+    expect(res.status, res.text).toBe(201);
+    const trade = res.json();
+    expect(trade).toMatchObject({ ...order, status: 'executed' });
+    expect(trade.id).toMatch(/^trd_/);
+    expect(res.headers.get('location')).toBe(`/trades/${trade.id}`);
+    const again = await call(url, 'POST', '/execute-trade', { account, key, body: order });
+    expect(again.text).toBe(res.text);
+    expect(again.headers.get('idempotent-replayed')).toBe('true');
+    expect((await call(url, 'GET', '/trades', { account })).json()).toEqual({ data: [trade] });
+    expect((await call(url, 'GET', `/trades/${trade.id}`, { account })).json()).toEqual(trade);
+    for (const bad of [
+      { ...order, side: 'hold' },
+      { ...order, quantity: 0 },
+      { ...order, quantity: 1.5 },
+      { ...order, price: 0 },
+      { ...order, price: -1 },
+      { ...order, symbol: '' },
+      { side: 'buy', quantity: 1, price: 1 },
+    ]) {
+      expectProblem(await call(url, 'POST', '/execute-trade', { account, key: fresh(), body: bad }), 400);
+    }
+    expect((await call(url, 'GET', '/trades', { account })).json().data).toHaveLength(1);
+  });
+
+  it('places an order that pays through POST /payments with a derived key', async () => {
+    const account = fresh('acct');
+    const key = fresh();
+    const body = { currency: 'EUR', items: [{ sku: 'tea', quantity: 2, price: 350 }, { sku: 'cup', quantity: 1, price: 1200 }] };
+    const res = await call(url, 'POST', '/orders', { account, key, body });
+    expect(res.status, res.text).toBe(201);
+    const order = res.json();
+    expect(order).toMatchObject({ status: 'paid', total: 1900, currency: 'EUR', items: body.items });
+    expect(order.id).toMatch(/^ord_/);
+    expect(res.headers.get('location')).toBe(`/orders/${order.id}`);
+    const payments = (await call(url, 'GET', '/payments', { account })).json().data as Array<Record<string, unknown>>;
+    expect(payments).toHaveLength(1);
+    expect(payments[0]).toMatchObject({ id: order.payment, amount: 1900, currency: 'EUR' });
+
+    const again = await call(url, 'POST', '/orders', { account, key, body });
+    expect(again.text).toBe(res.text);
+    expect(again.headers.get('idempotent-replayed')).toBe('true');
+    expect((await call(url, 'GET', '/orders', { account })).json()).toEqual({ data: [order] });
+    expect((await call(url, 'GET', `/orders/${order.id}`, { account })).json()).toEqual(order);
+    expectProblem(await call(url, 'GET', '/orders/ord_nope', { account }), 404);
+    expectProblem(await call(url, 'GET', `/orders/${order.id}`, { account: fresh('other') }), 404);
+
+    // The derived payment key is in the account's scope: paying it directly replays the order's payment.
+    const { deriveKey } = await import('oncely/client');
+    const direct = await call(url, 'POST', '/payments', {
+      account,
+      key: deriveKey(key, 'payment'),
+      body: { amount: 1900, currency: 'EUR', description: 'order of 2 item(s)' },
+    });
+    expect(direct.headers.get('idempotent-replayed')).toBe('true');
+    expect(direct.json().id).toBe(order.payment);
+
+    for (const bad of [
+      { currency: 'EUR', items: [] },
+      { currency: 'EUR', items: [{ sku: 'a', quantity: 0, price: 1 }] },
+      { currency: 'EUR', items: [{ sku: 'a', quantity: 1, price: 1.5 }] },
+      { currency: 'eur', items: [{ sku: 'a', quantity: 1, price: 1 }] },
+      { items: [{ sku: 'a', quantity: 1, price: 1 }] },
+    ]) {
+      expectProblem(await call(url, 'POST', '/orders', { account, key: fresh(), body: bad }), 400);
+    }
+    expect(await paymentCount(url, account)).toBe(1);
+  });
+
+  it('creates, replaces, reads and deletes users with PUT/GET/DELETE, no key needed', async () => {
+    const account = fresh('acct');
+    const id = fresh('u');
+    const created = await call(url, 'PUT', `/users/${id}`, { account, body: { name: 'Ada', email: 'ada@example.com' } });
+    expect(created.status).toBe(201);
+    expect(created.json()).toMatchObject({ id, name: 'Ada', email: 'ada@example.com' });
+    const replaced = await call(url, 'PUT', `/users/${id}`, { account, body: { name: 'Ada L.', email: 'ada@example.com' } });
+    expect(replaced.status).toBe(200);
+    const same = await call(url, 'PUT', `/users/${id}`, { account, body: { name: 'Ada L.', email: 'ada@example.com' } });
+    expect(same.status).toBe(200);
+    expect((await call(url, 'GET', `/users/${id}`, { account })).json()).toMatchObject({ name: 'Ada L.' });
+    expectProblem(await call(url, 'GET', `/users/${id}`, { account: fresh('other') }), 404);
+    expectProblem(await call(url, 'PUT', `/users/${id}`, { account, body: { name: 'x' } }), 400);
+    expectProblem(await call(url, 'PUT', `/users/${id}`, { account, body: { name: 'x', email: 'nope' } }), 400);
+    expectProblem(await call(url, 'PUT', '/users/bad%20id', { account, body: { name: 'x', email: 'a@b' } }), 400);
+    const gone = await call(url, 'DELETE', `/users/${id}`, { account });
+    expect(gone.status).toBe(204);
+    expectProblem(await call(url, 'DELETE', `/users/${id}`, { account }), 404);
+    expectProblem(await call(url, 'GET', `/users/${id}`, { account }), 404);
+  });
+
+  it('answers unknown routes with a 404 problem', async () => {
+    expectProblem(await call(url, 'GET', '/nowhere'), 404);
+  });
+
+  it('keeps records and business data across a restart', async () => {
+    if (kind === 'memory') return; // memory records die with the process, by design
+    const account = fresh('acct');
+    const key = fresh();
+    const first = await call(url, 'POST', '/payments', { account, key, body: PAY });
+    expect(first.status).toBe(201);
+    await ref.close();
+    ref = await startReference(options);
+    url = ref.url;
+    const replay = await call(url, 'POST', '/payments', { account, key, body: PAY });
+    expect(replay.status).toBe(201);
+    expect(replay.text).toBe(first.text);
+    expect(replay.headers.get('idempotent-replayed')).toBe('true');
+    expect(await paymentCount(url, account)).toBe(1);
+  });
+});
+
+describe('reference system variants', () => {
+  it('IDEMPOTENCY=off ignores keys: the same key twice charges twice (the storm baseline)', async () => {
+    const ref = await startReference({ storeUrl: 'memory:', dataDir: tempDir(), port: 0, idempotency: false });
+    try {
+      const account = fresh('acct');
+      const key = fresh();
+      const a = await call(ref.url, 'POST', '/payments', { account, key, body: PAY });
+      const b = await call(ref.url, 'POST', '/payments', { account, key, body: PAY });
+      const none = await call(ref.url, 'POST', '/payments', { account, body: PAY });
+      expect([a.status, b.status, none.status]).toEqual([201, 201, 201]);
+      expect(b.headers.get('idempotent-replayed')).toBeNull();
+      expect(await paymentCount(ref.url, account)).toBe(3);
+      expect((await call(ref.url, 'GET', '/healthz')).json()).toMatchObject({ idempotency: false });
+    } finally {
+      await ref.close();
+    }
+  });
+
+  it('a store that is down answers 503 problem with Retry-After and runs nothing', async () => {
+    const base = memoryStore();
+    const down: IdempotencyStore = Object.assign(Object.create(base) as IdempotencyStore, {
+      claim: () => Promise.reject(new Error('connection refused')),
+    });
+    const ref = await startReference({ store: down, dataDir: tempDir(), port: 0 });
+    try {
+      const account = fresh('acct');
+      const res = await call(ref.url, 'POST', '/payments', { account, key: fresh(), body: PAY });
+      const body = expectProblem(res, 503);
+      expect(body.type).toBe('https://oncely.dev/problems/store-unavailable');
+      expect(Number(res.headers.get('retry-after'))).toBeGreaterThanOrEqual(1);
+      expect(await paymentCount(ref.url, account)).toBe(0);
+      // Reads and PUT do not need the store.
+      expect((await call(ref.url, 'PUT', '/users/u1', { account, body: { name: 'A', email: 'a@b' } })).status).toBe(201);
+    } finally {
+      await ref.close();
+    }
+  });
+});
