@@ -6,8 +6,10 @@
  *   `synchronous = NORMAL`) and sets a `busy_timeout`, so that readers never
  *   block the writer and processes wait for each other's write lock instead
  *   of failing.
- * - `claim` runs in one `BEGIN IMMEDIATE` transaction (the write lock is
- *   taken before the record is read), so it is atomic across processes.
+ * - `claim` decides in one `BEGIN IMMEDIATE` transaction (the write lock is
+ *   taken before the record is read), so it is atomic across processes. A
+ *   replay, or a duplicate while the lease is live, is answered by one plain
+ *   read first, without the write lock (the answer holds at that read).
  * - Deadlines are epoch ms from this process's clock (`Date.now()`): the
  *   processes sharing the file share one machine, hence one clock.
  * - SQLite has no TTL: expired records are absent to every operation and are
@@ -273,6 +275,17 @@ export function sqliteStore(options: SqliteStoreOptions): SqliteStore {
     capabilities: CAPABILITIES,
     table,
     async claim(id, input) {
+      // A live record that this claim cannot take is answered from a plain
+      // read, without the write lock: replays and duplicates in flight never
+      // queue behind writers. Anything else is decided inside BEGIN IMMEDIATE.
+      const at = now();
+      const row = select.get(id) as Row | undefined;
+      if (row !== undefined && row.expires_at > at) {
+        if (row.state === COMPLETED) return { status: 'completed', record: completed(row) };
+        if (row.lease_until > at || row.fingerprint !== input.fingerprint) {
+          return { status: 'in_progress', fingerprint: row.fingerprint, leaseUntil: row.lease_until, now: at };
+        }
+      }
       return immediate(() => decide(id, input, now()));
     },
     async claimMany(ids, input) {
