@@ -1,0 +1,282 @@
+/**
+ * The Redis store against the real server on 127.0.0.1:6379 (REDIS_URL
+ * overrides), through ioredis and node-redis: the conformance suite, the key
+ * layout, and the round trips each operation costs, counted with MONITOR.
+ */
+import { randomBytes } from 'node:crypto';
+import { Redis } from 'ioredis';
+import { ConfigError } from '../../src/errors/index.js';
+import { type RedisClientLike, redisStore } from 'oncely/stores/redis';
+import { defineStoreConformance } from 'oncely/testing';
+import { createClient } from 'redis';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+const URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
+const FP = 'v1:cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc';
+const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
+const newId = (): string => randomBytes(32).toString('hex');
+const newPrefix = (what: string): string => `oncely-test-${what}-${randomBytes(6).toString('hex')}`;
+
+type NodeRedis = ReturnType<typeof createClient>;
+
+/** An ioredis connection set to fail fast, as the docs recommend. */
+async function ioredis(): Promise<Redis> {
+  const client = new Redis(URL, { enableOfflineQueue: false, maxRetriesPerRequest: 0, lazyConnect: true });
+  await client.connect();
+  return client;
+}
+
+/** A node-redis connection set to fail fast, as the docs recommend. */
+async function nodeRedis(): Promise<NodeRedis> {
+  const client = createClient({ url: URL, disableOfflineQueue: true });
+  client.on('error', () => {}); // node-redis throws on an unhandled 'error' event
+  await client.connect();
+  return client;
+}
+
+/** Delete every key under `prefix` (records expire anyway; this keeps the shared server tidy). */
+async function cleanup(admin: Redis, prefix: string): Promise<void> {
+  let cursor = '0';
+  do {
+    const [next, keys] = await admin.scan(cursor, 'MATCH', `${prefix}:*`, 'COUNT', 1000);
+    cursor = next;
+    if (keys.length > 0) await admin.del(...keys);
+  } while (cursor !== '0');
+}
+
+const clients = {
+  ioredis: { open: ioredis, close: async (c: Redis) => void (await c.quit()) },
+  'node-redis': { open: nodeRedis, close: async (c: NodeRedis) => void (await c.close()) },
+} as const;
+
+for (const [kind, { open, close }] of Object.entries(clients) as [
+  string,
+  { open: () => Promise<RedisClientLike>; close: (c: never) => Promise<void> },
+][]) {
+  const prefix = newPrefix(kind);
+  const opened: RedisClientLike[] = [];
+  const make = async () => {
+    const client = await open();
+    opened.push(client);
+    return redisStore({ client, prefix });
+  };
+  defineStoreConformance(
+    { describe, it, beforeAll, afterAll },
+    {
+      name: `redis (${kind})`,
+      store: make,
+      anotherClient: make,
+      teardown: async () => {
+        const admin = await ioredis();
+        await cleanup(admin, prefix);
+        await admin.quit();
+        for (const client of opened) await close(client as never);
+      },
+    },
+  );
+}
+
+/**
+ * Counts the commands the server receives under a key prefix, with MONITOR
+ * on a dedicated connection. Robust while other test files share the server:
+ * only commands naming our random prefix count, and a marker command after
+ * each operation proves the feed has caught up before counting.
+ */
+async function commandCounter(prefix: string) {
+  const base = new Redis(URL, { lazyConnect: true });
+  await base.connect();
+  const monitor = await base.monitor();
+  const seen: string[][] = [];
+  monitor.on('monitor', (_time: string, args: string[], source: string) => {
+    // Commands a script runs are fed too, tagged "lua": they are not round trips.
+    if (source !== 'lua' && args.some((a) => a.includes(prefix))) seen.push(args);
+  });
+  let markers = 0;
+  const sync = async (): Promise<void> => {
+    const marker = `${prefix}:marker:${markers++}`;
+    await base.exists(marker);
+    const deadline = Date.now() + 5000;
+    while (!seen.some((args) => args.includes(marker))) {
+      if (Date.now() > deadline) throw new Error('MONITOR feed did not catch up');
+      await sleep(5);
+    }
+  };
+  return {
+    /** The commands (names, lower case) that `operation` sent. */
+    async commands(operation: () => Promise<unknown>): Promise<string[]> {
+      await sync();
+      const start = seen.length;
+      await operation();
+      await sync();
+      return seen
+        .slice(start)
+        .filter((args) => !args.some((a) => a.includes(':marker:')))
+        .map((args) => String(args[0]).toLowerCase());
+    },
+    async close(): Promise<void> {
+      monitor.disconnect();
+      base.disconnect();
+    },
+  };
+}
+
+describe('redis store', () => {
+  let admin: Redis;
+  const prefix = newPrefix('layout');
+
+  beforeAll(async () => {
+    admin = await ioredis();
+  });
+  afterAll(async () => {
+    await cleanup(admin, prefix);
+    await admin.quit();
+  });
+
+  describe.each(Object.keys(clients))('round trips with %s', (kind) => {
+    const rtPrefix = newPrefix(`rt-${kind}`);
+    let client: RedisClientLike;
+    let counter: Awaited<ReturnType<typeof commandCounter>>;
+
+    beforeAll(async () => {
+      client = kind === 'ioredis' ? await ioredis() : await nodeRedis();
+      counter = await commandCounter(rtPrefix);
+    });
+    afterAll(async () => {
+      await counter.close();
+      await cleanup(admin, rtPrefix);
+      if (kind === 'ioredis') await (client as Redis).quit();
+      else await (client as NodeRedis).close();
+    });
+
+    it('sends one EVALSHA per operation once the scripts are cached', async () => {
+      const store = redisStore({ client, prefix: rtPrefix });
+      const input = { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 };
+      // Warm the server's script cache (a cold server costs one extra EVAL per script).
+      const warm = newId();
+      const w = await store.claim(warm, input);
+      if (w.status !== 'acquired') throw new Error('expected acquired');
+      await store.renew(warm, w.token, 30_000);
+      await store.complete(warm, w.token, 'x', 60_000);
+      await store.release(warm, 'nope');
+      await store.get(warm);
+      await store.delete(warm);
+
+      const id = newId();
+      let token = '';
+      const measured: Record<string, string[]> = {};
+      measured['claim (new id)'] = await counter.commands(async () => {
+        const claim = await store.claim(id, input);
+        if (claim.status !== 'acquired') throw new Error('expected acquired');
+        token = claim.token;
+      });
+      measured['claim (in progress)'] = await counter.commands(() => store.claim(id, input));
+      measured.renew = await counter.commands(() => store.renew(id, token, 30_000));
+      measured.get = await counter.commands(() => store.get(id));
+      measured.complete = await counter.commands(() => store.complete(id, token, '{"status":201}', 60_000));
+      measured['claim (completed id)'] = await counter.commands(async () => {
+        expect((await store.claim(id, input)).status).toBe('completed');
+      });
+      const other = newId();
+      const o = await store.claim(other, input);
+      if (o.status !== 'acquired') throw new Error('expected acquired');
+      measured.release = await counter.commands(() => store.release(other, o.token));
+      measured.delete = await counter.commands(() => store.delete(id));
+      measured['claimMany (3 ids)'] = await counter.commands(async () => {
+        const results = await store.claimMany!([newId(), newId(), newId()], input);
+        expect(results.map((r) => r.status)).toEqual(['acquired', 'acquired', 'acquired']);
+      });
+
+      for (const [operation, commands] of Object.entries(measured)) {
+        expect({ operation, commands }).toEqual({ operation, commands: ['evalsha'] });
+      }
+    });
+  });
+
+  describe('record layout and clock', () => {
+    let store: ReturnType<typeof redisStore>;
+    beforeAll(() => {
+      store = redisStore({ client: admin, prefix });
+    });
+
+    it('keeps one hash per record under <prefix>:{<id>}, with the claim TTL then the completion TTL', async () => {
+      const id = newId();
+      const key = `${prefix}:{${id}}`;
+      expect(store.keyOf(id)).toBe(key);
+      expect(store.cluster).toBe(false);
+      const claim = await store.claim(id, { fingerprint: FP, leaseMs: 5_000, ttlMs: 120_000 });
+      if (claim.status !== 'acquired') throw new Error('expected acquired');
+      expect(await admin.type(key)).toBe('hash');
+      const claimTtl = await admin.pttl(key);
+      expect(claimTtl).toBeGreaterThan(110_000);
+      expect(claimTtl).toBeLessThanOrEqual(120_000);
+      expect(await store.complete(id, claim.token, 'done', 3_600_000)).toBe(true);
+      const doneTtl = await admin.pttl(key);
+      expect(doneTtl).toBeGreaterThan(3_590_000);
+      expect(doneTtl).toBeLessThanOrEqual(3_600_000);
+      const record = await store.get(id);
+      expect(record?.state).toBe('completed');
+      // expiresAt is the key's own expiry, on the server clock.
+      expect(Math.abs(record!.expiresAt - (await admin.pexpiretime(key)))).toBe(0);
+    });
+
+    it('keeps an in-progress record at least as long as its lease', async () => {
+      const id = newId();
+      await store.claim(id, { fingerprint: FP, leaseMs: 90_000, ttlMs: 1_000 });
+      expect(await admin.pttl(store.keyOf(id))).toBeGreaterThan(80_000);
+      const record = await store.get(id);
+      expect(record?.state === 'in_progress' && record.expiresAt).toBe(record?.state === 'in_progress' && record.leaseUntil);
+    });
+
+    it('takes deadlines from the Redis clock', async () => {
+      const [seconds, micros] = await admin.time();
+      const serverNow = Number(seconds) * 1000 + Math.floor(Number(micros) / 1000);
+      const id = newId();
+      const claim = await store.claim(id, { fingerprint: FP, leaseMs: 10_000, ttlMs: 60_000 });
+      if (claim.status !== 'acquired') throw new Error('expected acquired');
+      expect(claim.leaseUntil - serverNow).toBeGreaterThanOrEqual(10_000);
+      expect(claim.leaseUntil - serverNow).toBeLessThan(11_000);
+      const busy = await store.claim(id, { fingerprint: FP, leaseMs: 10_000, ttlMs: 60_000 });
+      if (busy.status !== 'in_progress') throw new Error('expected in_progress');
+      expect(busy.now - serverNow).toBeGreaterThanOrEqual(0);
+      expect(busy.now - serverNow).toBeLessThan(1_000);
+    });
+
+    it('never confuses a null fingerprint with any string', async () => {
+      for (const [first, second] of [
+        [null, '-'],
+        [null, ''],
+        ['', null],
+        ['-', null],
+      ] as const) {
+        const id = newId();
+        const claim = await store.claim(id, { fingerprint: first, leaseMs: 50, ttlMs: 60_000 });
+        expect(claim.status).toBe('acquired');
+        await sleep(120);
+        const other = await store.claim(id, { fingerprint: second, leaseMs: 50, ttlMs: 60_000 });
+        expect(other.status).toBe('in_progress');
+        if (other.status === 'in_progress') expect(other.fingerprint).toBe(first);
+        expect((await store.get(id))?.fingerprint).toBe(first);
+      }
+    });
+
+    it('claims duplicate ids in one batch once', async () => {
+      const id = newId();
+      const results = await store.claimMany!([id, id], { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 });
+      expect(results.map((r) => r.status)).toEqual(['acquired', 'in_progress']);
+    });
+
+    it('leaves a record of another prefix alone', async () => {
+      const id = newId();
+      const mine = await store.claim(id, { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 });
+      const neighbour = redisStore({ client: admin, prefix: `${prefix}-other` });
+      expect((await neighbour.claim(id, { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 })).status).toBe('acquired');
+      if (mine.status === 'acquired') expect(await neighbour.release(id, mine.token)).toBe(false);
+      await cleanup(admin, `${prefix}-other`);
+    });
+
+    it('refuses a prefix with a brace and a client it does not recognise', () => {
+      expect(() => redisStore({ client: admin, prefix: 'a{b}' })).toThrow(ConfigError);
+      expect(() => redisStore({ client: {} as RedisClientLike })).toThrow(ConfigError);
+    });
+  });
+});
