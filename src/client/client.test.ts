@@ -312,7 +312,7 @@ describe('network errors and timeouts', () => {
 
   it('retries an attempt that outlives attemptTimeoutMs', async () => {
     const server = await serve((seen, res) => {
-      if (seen.n === 0) setTimeout(() => send(res, 200, 'late'), 600);
+      if (seen.n === 0) setTimeout(() => send(res, 200, 'late'), 1500);
       else send(res, 200, 'ok');
     });
     const states: RetryState[] = [];
@@ -323,7 +323,7 @@ describe('network errors and timeouts', () => {
     );
     expect(await res.text()).toBe('ok');
     expect(res.attempts).toBe(2);
-    expect(performance.now() - started).toBeLessThan(500);
+    expect(performance.now() - started).toBeLessThan(1000);
     expect(states.map((s) => s.reason)).toEqual(['timeout']);
     expect(server.seen[1]?.key).toBe(server.seen[0]?.key);
   });
@@ -363,7 +363,7 @@ describe('deadline and abort', () => {
     expect(error.reason).toBe('deadline');
     expect(error.attempts).toBe(1);
     expect(elapsed).toBeGreaterThanOrEqual(140);
-    expect(elapsed).toBeLessThan(800);
+    expect(elapsed).toBeLessThan(1500);
   });
 
   it('accepts the deadline as a Date', async () => {
@@ -377,21 +377,35 @@ describe('deadline and abort', () => {
   it('returns the last answer when the next backoff would end past the deadline', async () => {
     const server = await serve((_s, res) => send(res, 503, 'down'));
     const started = performance.now();
-    const res = await createClient({ minDelayMs: 300, maxDelayMs: 300, deadlineMs: 200 }).fetch(server.url, post());
+    const res = await createClient({ minDelayMs: 1000, maxDelayMs: 1000, deadlineMs: 500 }).fetch(server.url, post());
     expect(res.status).toBe(503);
     expect(res.attempts).toBe(1);
-    expect(performance.now() - started).toBeLessThan(150);
+    // No 1 s wait was started.
+    expect(performance.now() - started).toBeLessThan(900);
   });
 
   it('keeps retrying until the deadline, then gives up', async () => {
     const server = await serve((_s, res) => send(res, 503));
-    const res = await createClient({ minDelayMs: 40, maxDelayMs: 40, retries: 100, deadlineMs: 300 }).fetch(
-      server.url,
-      post(),
-    );
-    expect(res.status).toBe(503);
-    expect(res.attempts).toBeGreaterThan(3);
-    expect(res.attempts).toBeLessThan(10);
+    const outcome = await createClient({ minDelayMs: 40, maxDelayMs: 40, retries: 100, deadlineMs: 300 })
+      .fetch(server.url, post())
+      .catch((e: unknown) => e);
+    // Either no wait fitted before the deadline (the last 503 is returned), or
+    // the deadline cut an attempt short (thrown, remembering the 503).
+    let attempts: number;
+    if (outcome instanceof ClientRequestError) {
+      expect(outcome.reason).toBe('deadline');
+      expect(outcome.lastStatus).toBe(503);
+      attempts = outcome.attempts;
+    } else {
+      expect((outcome as OncelyResponse).status).toBe(503);
+      attempts = (outcome as OncelyResponse).attempts;
+    }
+    // The deadline stopped it, not the 100 retries.
+    expect(attempts).toBeGreaterThanOrEqual(2);
+    expect(attempts).toBeLessThan(10);
+    // (an attempt cut short may not have reached the server)
+    expect(server.seen.length).toBeGreaterThanOrEqual(attempts - 1);
+    expect(server.seen.length).toBeLessThanOrEqual(attempts);
   });
 
   it("rejects with the caller's abort reason mid-backoff, at once, without another attempt", async () => {
@@ -405,7 +419,7 @@ describe('deadline and abort', () => {
       { onRetry: () => void setTimeout(() => controller.abort(reason), 30) },
     );
     await expect(outcome).rejects.toBe(reason);
-    expect(performance.now() - started).toBeLessThan(500);
+    expect(performance.now() - started).toBeLessThan(1500);
     await new Promise((r) => setTimeout(r, 50));
     expect(server.seen).toHaveLength(1);
   });
@@ -491,7 +505,7 @@ describe('Retry-After', () => {
     expect(res.status).toBe(503);
     expect(res.attempts).toBe(1);
     expect(await res.text()).toBe('come back in a minute');
-    expect(performance.now() - started).toBeLessThan(500);
+    expect(performance.now() - started).toBeLessThan(2000);
   });
 
   it('honours a smaller maxRetryAfterMs', async () => {
@@ -507,7 +521,7 @@ describe('Retry-After', () => {
     const res = await createClient({ ...fast, deadlineMs: 500 }).fetch(server.url, post());
     expect(res.status).toBe(503);
     expect(res.attempts).toBe(1);
-    expect(performance.now() - started).toBeLessThan(400);
+    expect(performance.now() - started).toBeLessThan(900);
   });
 
   it('falls back to backoff when Retry-After is not understood', async () => {

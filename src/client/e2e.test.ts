@@ -89,17 +89,20 @@ describe('oncely/client against an oncely server', () => {
   });
 
   it("retries through the server's in-flight 409 and gets the first run's answer", async () => {
-    const payments = await startPayments(400);
+    const payments = await startPayments(700);
     const reasons: (string | number | undefined)[] = [];
     const res = await createClient({
       ...fast,
-      attemptTimeoutMs: 150,
+      attemptTimeoutMs: 250,
       onRetry: (s) => void reasons.push(s.reason === 'status' ? s.status : s.reason),
     }).fetch(`${payments.url}/payments`, pay(100));
     expect(res.status).toBe(201);
     expect(res.replayed).toBe(true);
-    expect(reasons).toEqual(['timeout', 409]);
-    expect(res.attempts).toBe(3);
+    // The first attempt timed out while the charge ran; a retry met the in-flight 409
+    // (under load, more than one attempt may time out first).
+    expect(reasons[0]).toBe('timeout');
+    expect(reasons.at(-1)).toBe(409);
+    expect(res.attempts).toBe(reasons.length + 1);
     expect(payments.charges).toHaveLength(1);
   });
 

@@ -182,7 +182,7 @@ describe('startFaultProxy', () => {
     while (upstream.charges === 0) await new Promise((r) => setTimeout(r, 5));
     const started = performance.now();
     await proxy.close();
-    expect(performance.now() - started).toBeLessThan(500);
+    expect(performance.now() - started).toBeLessThan(2000);
     expect(await pending).toBeInstanceOf(TypeError);
     await expect(fetch(proxy.url, pay)).rejects.toThrow(TypeError);
   });
@@ -202,10 +202,10 @@ describe('oncely/client through the fault proxy', () => {
 
   it('an answer delayed past the attempt timeout is retried and replayed: charged once', async () => {
     const upstream = await startUpstream();
-    const proxy = await proxyTo(upstream, { faults: [{ fault: 'delay', ms: 1000 }] });
+    const proxy = await proxyTo(upstream, { faults: [{ fault: 'delay', ms: 2500 }] });
     const started = performance.now();
-    const res = await createClient({ ...fast, attemptTimeoutMs: 150 }).fetch(`${proxy.url}/payments`, pay);
-    expect(performance.now() - started).toBeLessThan(800);
+    const res = await createClient({ ...fast, attemptTimeoutMs: 300 }).fetch(`${proxy.url}/payments`, pay);
+    expect(performance.now() - started).toBeLessThan(2000);
     expect(res.attempts).toBe(2);
     expect(res.replayed).toBe(true);
     expect(upstream.charges).toBe(1);
@@ -251,10 +251,10 @@ describe('oncely/client through the fault proxy', () => {
     const upstream = await startUpstream();
     const proxy = await proxyTo(upstream, {
       faults: { probabilities: { 'drop-response': 0.2, 'fail-503': 0.2, 'retry-upstream': 0.1, delay: 0.1 }, seed: 2026 },
-      delayMs: 300,
+      delayMs: 1500,
       retryAfter: 0,
     });
-    const client = createClient({ ...fast, retries: 10, attemptTimeoutMs: 150 });
+    const client = createClient({ ...fast, retries: 10, attemptTimeoutMs: 500 });
     const results = await Promise.all(
       Array.from({ length: 10 }, (_, i) =>
         client.fetch(`${proxy.url}/payments`, { ...pay, body: JSON.stringify({ amount: i }) }),
