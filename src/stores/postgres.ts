@@ -98,6 +98,8 @@ const NOW = '(SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint)';
  * settles it in practice; the bound only stops a pathological livelock.
  */
 const MAX_CLAIM_ATTEMPTS = 8;
+/** SQLSTATE of a deadlock; batches lock rows in id order, so only foreign transactions can cause one. */
+const DEADLOCK_DETECTED = '40P01';
 const IN_PROGRESS = 0;
 const COMPLETED = 1;
 
@@ -164,6 +166,7 @@ export async function migratePostgres(pool: PgQueryable, options: PostgresMigrat
 
 interface ClaimRow {
   won: boolean;
+  id: string;
   takeover: boolean;
   state: number | null;
   fingerprint: string | null;
@@ -202,10 +205,16 @@ export function postgresStore(options: PostgresStoreOptions): PostgresStore {
   // short hash of the table keeps two stores on two tables apart.
   const prefix = `oncely_${createHash('sha256').update(t).digest('hex').slice(0, 12)}_`;
 
-  const claimSql = `WITH n AS ${NOW_FROM},
+  /**
+   * The claim statement. `source` yields the rows to insert (one id, or an
+   * array of ids with their tokens); the UNION ALL half reports, from the
+   * statement's snapshot, every record the upsert did not take.
+   */
+  const claimStatement = (source: string, ids: string, token: string, idList: string): string => `WITH n AS ${NOW_FROM},
 ins AS (
   INSERT INTO ${t} AS r (id, state, token, fingerprint, lease_until, expires_at, takeover, outcome)
-  SELECT $1, ${IN_PROGRESS}, $2, $3, n.ms + $4::bigint, n.ms + greatest($4::bigint, $5::bigint), false, NULL FROM n
+  SELECT ${ids}, ${IN_PROGRESS}, ${token}, $3, n.ms + $4::bigint, n.ms + greatest($4::bigint, $5::bigint), false, NULL
+    FROM ${source}
   ON CONFLICT (id) DO UPDATE SET
     state = ${IN_PROGRESS},
     token = EXCLUDED.token,
@@ -218,15 +227,24 @@ ins AS (
   WHERE r.expires_at <= EXCLUDED.lease_until - $4::bigint
      OR (r.state = ${IN_PROGRESS} AND r.lease_until <= EXCLUDED.lease_until - $4::bigint
          AND r.fingerprint IS NOT DISTINCT FROM EXCLUDED.fingerprint)
-  RETURNING r.takeover, r.lease_until
+  RETURNING r.id, r.takeover, r.lease_until
 )
-SELECT true AS won, ins.takeover, ins.lease_until, NULL::smallint AS state, NULL::text AS fingerprint,
+SELECT true AS won, ins.id, ins.takeover, ins.lease_until, NULL::smallint AS state, NULL::text AS fingerprint,
        NULL::bigint AS expires_at, NULL::bytea AS outcome, n.ms AS now
   FROM ins, n
 UNION ALL
-SELECT false, false, c.lease_until, c.state, c.fingerprint, c.expires_at, c.outcome, n.ms
+SELECT false, c.id, false, c.lease_until, c.state, c.fingerprint, c.expires_at, c.outcome, n.ms
   FROM ${t} c, n
- WHERE c.id = $1 AND c.expires_at > n.ms AND NOT EXISTS (SELECT 1 FROM ins)`;
+ WHERE c.id ${idList} AND c.expires_at > n.ms AND c.id NOT IN (SELECT id FROM ins)`;
+  const claimSql = claimStatement('n', '$1', '$2', '= $1');
+  // Rows are inserted in id order, so that two batches sharing ids lock them
+  // in the same order and cannot deadlock each other.
+  const claimManySql = claimStatement(
+    '(SELECT * FROM unnest($1::text[], $2::text[]) AS b(id, token) ORDER BY b.id) b, n',
+    'b.id',
+    'b.token',
+    '= ANY($1::text[])',
+  );
   const renewSql = `UPDATE ${t} AS r SET lease_until = n.ms + $3::bigint, expires_at = greatest(r.expires_at, n.ms + $3::bigint)
   FROM ${NOW_FROM} n WHERE r.id = $1 AND r.token = $2 AND r.state = ${IN_PROGRESS} AND r.expires_at > n.ms`;
   const completeSql = `UPDATE ${t} AS r SET state = ${COMPLETED}, outcome = $3, expires_at = n.ms + $4::bigint
@@ -251,25 +269,45 @@ SELECT false, false, c.lease_until, c.state, c.fingerprint, c.expires_at, c.outc
       const values = [id, token, input.fingerprint, input.leaseMs, input.ttlMs];
       for (let attempt = 0; attempt < MAX_CLAIM_ATTEMPTS; attempt++) {
         const { rows } = await run('claim', claimSql, values);
-        const row = rows[0] as ClaimRow | undefined;
-        if (row?.won) return { status: 'acquired', token, takeover: row.takeover, leaseUntil: Number(row.lease_until) };
-        // No row: a concurrent transaction committed the record after this
-        // statement's snapshot (ON CONFLICT saw it, the SELECT did not).
-        if (row === undefined) continue;
-        if (row.state === COMPLETED) {
-          return {
-            status: 'completed',
-            record: completed(row.fingerprint, row.outcome, row.expires_at as string),
-          };
-        }
-        const leaseUntil = Number(row.lease_until);
-        const now = Number(row.now);
-        // A snapshot row this claim could have taken over, yet ON CONFLICT
-        // did not: the row changed after the snapshot. Ask again.
-        if (leaseUntil <= now && row.fingerprint === input.fingerprint) continue;
-        return { status: 'in_progress', fingerprint: row.fingerprint, leaseUntil, now };
+        const result = settle(rows[0] as ClaimRow | undefined, token, input);
+        if (result !== undefined) return result;
       }
-      throw new StoreUnavailableError('The claim did not settle: the record kept changing under concurrent writers.');
+      throw unsettled();
+    },
+    async claimMany(ids: readonly string[], input: ClaimInput): Promise<ClaimResult[]> {
+      // One statement for the whole batch; a repeated id is claimed once and
+      // its later copies answer as a second claim would (in progress).
+      const tokens = new Map<string, string>();
+      for (const id of ids) if (!tokens.has(id)) tokens.set(id, newToken());
+      const results = new Map<string, ClaimResult>();
+      let pending = [...tokens.keys()].sort();
+      for (let attempt = 0; attempt < MAX_CLAIM_ATTEMPTS && pending.length > 0; attempt++) {
+        const values = [pending, pending.map((id) => tokens.get(id)), input.fingerprint, input.leaseMs, input.ttlMs];
+        let rows: Record<string, unknown>[];
+        try {
+          rows = (await run('claim_many', claimManySql, values)).rows;
+        } catch (error) {
+          // A deadlock aborted the statement, which changed nothing: run it again.
+          if ((error as { code?: unknown }).code === DEADLOCK_DETECTED) continue;
+          throw error;
+        }
+        const byId = new Map((rows as unknown as ClaimRow[]).map((row) => [row.id, row]));
+        for (const id of pending) {
+          const result = settle(byId.get(id), tokens.get(id) as string, input);
+          if (result !== undefined) results.set(id, result);
+        }
+        pending = pending.filter((id) => !results.has(id));
+      }
+      if (pending.length > 0) throw unsettled();
+      const seen = new Set<string>();
+      return ids.map((id) => {
+        const result = results.get(id) as ClaimResult;
+        if (seen.has(id) && result.status === 'acquired') {
+          return { status: 'in_progress', fingerprint: input.fingerprint, leaseUntil: result.leaseUntil, now: result.leaseUntil - input.leaseMs };
+        }
+        seen.add(id);
+        return result;
+      });
     },
     async renew(id, token, leaseMs) {
       return ((await run('renew', renewSql, [id, token, leaseMs])).rowCount ?? 0) === 1;
@@ -303,6 +341,29 @@ SELECT false, false, c.lease_until, c.state, c.fingerprint, c.expires_at, c.outc
       // The pool is the user's: nothing of ours to release.
     },
   };
+}
+
+/**
+ * Turn one row of the claim statement into an answer, or `undefined` when
+ * the statement must run again: no row at all (a concurrent transaction
+ * committed the record after this statement's snapshot: ON CONFLICT saw it,
+ * the SELECT did not), or a snapshot row this claim could have taken over
+ * although ON CONFLICT did not (the row changed after the snapshot).
+ */
+function settle(row: ClaimRow | undefined, token: string, input: ClaimInput): ClaimResult | undefined {
+  if (row === undefined) return undefined;
+  if (row.won) return { status: 'acquired', token, takeover: row.takeover, leaseUntil: Number(row.lease_until) };
+  if (row.state === COMPLETED) {
+    return { status: 'completed', record: completed(row.fingerprint, row.outcome, row.expires_at as string) };
+  }
+  const leaseUntil = Number(row.lease_until);
+  const now = Number(row.now);
+  if (leaseUntil <= now && row.fingerprint === input.fingerprint) return undefined;
+  return { status: 'in_progress', fingerprint: row.fingerprint, leaseUntil, now };
+}
+
+function unsettled(): StoreUnavailableError {
+  return new StoreUnavailableError('The claim did not settle: the record kept changing under concurrent writers.');
 }
 
 function completed(fingerprint: string | null, outcome: Buffer | null, expiresAt: string): CompletedRecord {

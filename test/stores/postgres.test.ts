@@ -120,6 +120,43 @@ describe('postgres store', () => {
     }
   });
 
+  it('claims a batch in one round trip, a repeated id once', async () => {
+    const pool = counted(newPool());
+    const store = postgresStore({ pool, table });
+    const done = newId();
+    const claimed = await store.claim(done, LONG);
+    if (claimed.status !== 'acquired') throw new Error('expected acquired');
+    await store.complete(done, claimed.token, 'done', 60_000);
+    const fresh = Array.from({ length: 50 }, newId);
+    pool.count = 0;
+    const results = await store.claimMany!([...fresh, done, fresh[0]!], LONG);
+    expect(pool.count).toBe(1);
+    expect(results.slice(0, 50).every((r) => r.status === 'acquired')).toBe(true);
+    expect(results[50]).toMatchObject({ status: 'completed', record: { outcome: 'done' } });
+    expect(results[51]).toMatchObject({ status: 'in_progress', fingerprint: LONG.fingerprint });
+    const first = results[0]!;
+    if (first.status !== 'acquired') throw new Error('expected acquired');
+    expect(await store.complete(fresh[0]!, first.token, 'ok', 60_000)).toBe(true);
+  });
+
+  it('gives one winner per id among concurrent overlapping batches in different orders', async () => {
+    const ids = Array.from({ length: 30 }, newId);
+    const stores = Array.from({ length: 4 }, () => postgresStore({ pool: newPool(), table }));
+    const batches = Array.from({ length: 12 }, (_, i) => {
+      const shuffled = [...ids].sort(() => Math.random() - 0.5);
+      return i % 2 === 0 ? shuffled : shuffled.slice(0, 15);
+    });
+    const results = await Promise.all(batches.map((batch, i) => stores[i % stores.length]!.claimMany!(batch, LONG)));
+    const wins = new Map<string, number>();
+    results.forEach((batch, i) => {
+      batch.forEach((r, j) => {
+        if (r.status === 'acquired') wins.set(batches[i]![j]!, (wins.get(batches[i]![j]!) ?? 0) + 1);
+      });
+    });
+    expect(wins.size).toBe(ids.length);
+    expect([...wins.values()].every((n) => n === 1)).toBe(true);
+  });
+
   it('honours the schema and table options', async () => {
     const custom = `custom_${suffix}`;
     await migratePostgres(admin, { schema, table: custom });
