@@ -635,6 +635,10 @@ describe('results and hooks', () => {
     expect(res.attempts).toBe(1);
     expect(res.url).toBe(`${server.url}/payments?x=1`);
     expect(res.headers.get('content-type')).toBe('application/json');
+    const copy = res.clone();
+    expect(copy).toBeInstanceOf(OncelyResponse);
+    expect([copy.key, copy.attempts, copy.replayed, copy.url]).toEqual([res.key, 1, true, res.url]);
+    expect(await copy.json()).toEqual({ id: 'pay_1' });
     expect(await res.json()).toEqual({ id: 'pay_1' });
   });
 

@@ -136,13 +136,24 @@ export class OncelyResponse extends Response {
     this.key = meta.key;
     this.attempts = meta.attempts;
     this.replayed = response.headers.get('idempotent-replayed')?.trim().toLowerCase() === 'true';
-    // Own properties shadow Response's getters, so the answer keeps the real URL.
-    Object.defineProperties(this, {
-      url: { value: response.url, enumerable: true },
-      redirected: { value: response.redirected, enumerable: true },
-      type: { value: response.type, enumerable: true },
-    });
+    keepOrigin(this, response);
   }
+
+  /** A copy that can be read separately, with the same `key`, `attempts`, `replayed` and `url`. */
+  override clone(): OncelyResponse {
+    const copy = new OncelyResponse(super.clone(), { key: this.key, attempts: this.attempts });
+    keepOrigin(copy, this);
+    return copy;
+  }
+}
+
+/** Own properties shadow Response's getters, so a wrapped answer keeps the real URL. */
+function keepOrigin(target: Response, origin: Response): void {
+  Object.defineProperties(target, {
+    url: { value: origin.url, enumerable: true, configurable: true },
+    redirected: { value: origin.redirected, enumerable: true, configurable: true },
+    type: { value: origin.type, enumerable: true, configurable: true },
+  });
 }
 
 const NULL_BODY_STATUSES: ReadonlySet<number> = new Set([101, 103, 204, 205, 304]);
