@@ -87,6 +87,7 @@ interface ResultHeader {
 }
 
 interface Row {
+  id?: Buffer | string;
   token: Buffer | string | null;
   takeover: number;
   state: number;
@@ -200,11 +201,13 @@ export function mysqlStore(options: MysqlStoreOptions): MysqlStore {
   ${stateAssignment},
   lease_until = IF(${won}, VALUES(lease_until), lease_until),
   expires_at = IF(${won}, IF(expires_at <= ${NOW}, VALUES(expires_at), GREATEST(expires_at, VALUES(expires_at))), expires_at)`;
-  const claimReturningSql = `${insert(
-    `(?, ${IN_PROGRESS}, ?, ?, ${NOW} + ?, ${NOW} + GREATEST(?, ?), 0, NULL)`,
+  const returningRow = `(?, ${IN_PROGRESS}, ?, ?, ${NOW} + ?, ${NOW} + GREATEST(?, ?), 0, NULL)`;
+  const returningSql = (rows: number): string => `${insert(
+    Array.from({ length: rows }, () => returningRow).join(', '),
     `state = IF(${won}, ${IN_PROGRESS}, state)`,
   )}
-  RETURNING token, takeover, state, fingerprint, lease_until, expires_at, outcome, ${NOW} AS now`;
+  RETURNING id, token, takeover, state, fingerprint, lease_until, expires_at, outcome, ${NOW} AS now`;
+  const claimReturningSql = returningSql(1);
   // MySQL: LAST_INSERT_ID(expr) sets the OK packet's insertId to
   // now * 4 + code (0 inserted, 1 acquired an expired record, 2 took over
   // an expired lease, 3 not acquired), so a won claim needs no read.
@@ -263,7 +266,7 @@ export function mysqlStore(options: MysqlStoreOptions): MysqlStore {
     return { status: 'in_progress', fingerprint, leaseUntil, now };
   };
 
-  return {
+  const store: MysqlStore = {
     name: 'mysql',
     capabilities: CAPABILITIES,
     table: t,
@@ -291,7 +294,49 @@ export function mysqlStore(options: MysqlStoreOptions): MysqlStore {
         const result = answer(rows[0], token, input);
         if (result !== undefined) return result;
       }
-      throw new StoreUnavailableError('The claim did not settle: the record kept changing under concurrent writers.');
+      throw unsettled();
+    },
+    async claimMany(ids, input) {
+      // A repeated id is claimed once; its later copies answer as a second claim would.
+      const tokens = new Map<string, string>();
+      for (const id of ids) if (!tokens.has(id)) tokens.set(id, newToken());
+      const results = new Map<string, ClaimResult>();
+      let pending = [...tokens.keys()].sort();
+      if (pending.length > 0 && !(await detect())) {
+        // Without RETURNING a multi-row statement cannot report per row: claim each (in parallel).
+        const each = await Promise.all(pending.map((id) => store.claim(id, input)));
+        pending.forEach((id, i) => results.set(id, each[i] as ClaimResult));
+        pending = [];
+      }
+      for (let attempt = 0; attempt < MAX_ATTEMPTS && pending.length > 0; attempt++) {
+        // One multi-row statement, rows in id order, so that overlapping batches lock in the same order.
+        const values = pending.flatMap((id) => [
+          id,
+          tokens.get(id) as string,
+          input.fingerprint,
+          input.leaseMs,
+          input.leaseMs,
+          input.ttlMs,
+        ]);
+        const rows = (await execute(returningSql(pending.length), values)) as Row[];
+        const byId = new Map(rows.map((row) => [text(row.id) as string, row]));
+        for (const id of pending) {
+          const result = answer(byId.get(id), tokens.get(id) as string, input);
+          if (result !== undefined) results.set(id, result);
+        }
+        pending = pending.filter((id) => !results.has(id));
+      }
+      if (pending.length > 0) throw unsettled();
+      const seen = new Set<string>();
+      return ids.map((id) => {
+        const result = results.get(id) as ClaimResult;
+        if (seen.has(id) && result.status === 'acquired') {
+          const now = result.leaseUntil - input.leaseMs;
+          return { status: 'in_progress', fingerprint: input.fingerprint, leaseUntil: result.leaseUntil, now };
+        }
+        seen.add(id);
+        return result;
+      });
     },
     async renew(id, token, leaseMs) {
       // mysql2 connects with CLIENT_FOUND_ROWS by default: affectedRows counts matched rows.
@@ -327,6 +372,7 @@ export function mysqlStore(options: MysqlStoreOptions): MysqlStore {
       // The pool is the user's: nothing of ours to release.
     },
   };
+  return store;
 }
 
 /** MariaDB has `INSERT … RETURNING` from 10.5 on; MySQL has none. */
@@ -338,8 +384,12 @@ function supportsReturning(version: string): boolean {
   return major > 10 || (major === 10 && minor >= 5);
 }
 
-function text(value: Buffer | string | null): string | null {
-  if (value === null) return null;
+function unsettled(): StoreUnavailableError {
+  return new StoreUnavailableError('The claim did not settle: the record kept changing under concurrent writers.');
+}
+
+function text(value: Buffer | string | null | undefined): string | null {
+  if (value === null || value === undefined) return null;
   return typeof value === 'string' ? value : value.toString('utf8');
 }
 

@@ -152,6 +152,48 @@ describe('mysql store', () => {
     }
   });
 
+  it('claims a batch in one statement on MariaDB, a repeated id once', async () => {
+    for (const [name, returning, statements] of [
+      [table, true, 1],
+      [plainTable, false, 52],
+    ] as const) {
+      const pool = counted(newPool());
+      const store = mysqlStore({ pool, table: name, returning });
+      const done = newId();
+      const claimed = await store.claim(done, LONG);
+      if (claimed.status !== 'acquired') throw new Error('expected acquired');
+      await store.complete(done, claimed.token, 'done', 60_000);
+      const fresh = Array.from({ length: 50 }, newId);
+      pool.count = 0;
+      const results = await store.claimMany!([...fresh, done, fresh[0]!], LONG);
+      expect(pool.count).toBe(statements);
+      expect(results.slice(0, 50).every((r) => r.status === 'acquired')).toBe(true);
+      expect(results[50]).toMatchObject({ status: 'completed', record: { outcome: 'done' } });
+      expect(results[51]).toMatchObject({ status: 'in_progress', fingerprint: LONG.fingerprint });
+      const first = results[0]!;
+      if (first.status !== 'acquired') throw new Error('expected acquired');
+      expect(await store.complete(fresh[0]!, first.token, 'ok', 60_000)).toBe(true);
+    }
+  });
+
+  it('gives one winner per id among concurrent overlapping batches in different orders', async () => {
+    const ids = Array.from({ length: 30 }, newId);
+    const stores = Array.from({ length: 4 }, () => mysqlStore({ pool: newPool(), table, returning: true }));
+    const batches = Array.from({ length: 12 }, (_, i) => {
+      const shuffled = [...ids].sort(() => Math.random() - 0.5);
+      return i % 2 === 0 ? shuffled : shuffled.slice(0, 15);
+    });
+    const results = await Promise.all(batches.map((batch, i) => stores[i % stores.length]!.claimMany!(batch, LONG)));
+    const wins = new Map<string, number>();
+    results.forEach((batch, i) => {
+      batch.forEach((r, j) => {
+        if (r.status === 'acquired') wins.set(batches[i]![j]!, (wins.get(batches[i]![j]!) ?? 0) + 1);
+      });
+    });
+    expect(wins.size).toBe(ids.length);
+    expect([...wins.values()].every((n) => n === 1)).toBe(true);
+  });
+
   it('honours the table option, also as database.table', async () => {
     await migrateMysql(admin, { table: `${config.database}.${customTable}` });
     await migrateMysql(admin, { table: customTable }); // idempotent
