@@ -173,6 +173,17 @@ export async function buildApp(options: ReferenceOptions = {}): Promise<FastifyI
     await orderRoutes(scoped, ctx);
   });
 
+  // Graceful shutdown: answers sent while closing end their connection, so
+  // that a keep-alive client does not hold the server open after the last one.
+  let closing = false;
+  app.addHook('preClose', async () => {
+    closing = true;
+  });
+  app.addHook('onSend', async (_request, reply, payload) => {
+    if (closing) reply.header('connection', 'close');
+    return payload;
+  });
+
   if (ledger) {
     app.addHook('onReady', async () => {
       await ledger.start();

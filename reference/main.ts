@@ -6,36 +6,52 @@
  *
  * @module
  */
-import { referenceOptionsFromEnv, startReference } from './app.js';
+import { type RunningReference, referenceOptionsFromEnv, startReference } from './app.js';
 
-async function main(): Promise<void> {
-  const options = referenceOptionsFromEnv(process.env);
-  // SEAM (ledger): once reference/ledger lands, pass
-  // `ledger: (db) => createLedger({ db, brokerUrl: process.env.BROKER_URL })`.
-  const running = await startReference(options);
-  console.log(`listening on ${running.url}`);
-  console.error(
-    `[reference] store ${options.storeUrl}, data ${options.dataDir}, idempotency ${options.idempotency ? 'on' : 'off'}`,
+let running: RunningReference | undefined;
+let stopping = false;
+
+/** Longest wait for requests in flight at shutdown before exiting anyway, ms. */
+const SHUTDOWN_GRACE_MS = 15_000;
+
+function shutdown(): void {
+  if (running === undefined) return; // still starting: main() closes it once started
+  setTimeout(() => {
+    console.error(`[reference] requests still running after ${SHUTDOWN_GRACE_MS} ms: exiting`);
+    process.exit(1);
+  }, SHUTDOWN_GRACE_MS).unref();
+  running.close().then(
+    () => process.exit(0),
+    (error: unknown) => {
+      console.error('[reference] shutdown failed:', error);
+      process.exit(1);
+    },
   );
+}
 
-  let stopping = false;
-  const stop = (signal: NodeJS.Signals): void => {
+// Installed before anything is printed: whoever sees "listening on" may signal at once.
+for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+  process.on(signal, () => {
     if (stopping) {
       console.error(`[reference] ${signal} again: exiting now`);
       process.exit(1);
     }
     stopping = true;
     console.error(`[reference] ${signal}: shutting down`);
-    running.close().then(
-      () => process.exit(0),
-      (error: unknown) => {
-        console.error('[reference] shutdown failed:', error);
-        process.exit(1);
-      },
-    );
-  };
-  process.on('SIGINT', stop);
-  process.on('SIGTERM', stop);
+    shutdown();
+  });
+}
+
+async function main(): Promise<void> {
+  const options = referenceOptionsFromEnv(process.env);
+  // SEAM (ledger): once reference/ledger lands, pass
+  // `ledger: (db) => createLedger({ db, brokerUrl: process.env.BROKER_URL })`.
+  running = await startReference(options);
+  if (stopping) return shutdown();
+  console.error(
+    `[reference] store ${options.storeUrl}, data ${options.dataDir}, idempotency ${options.idempotency ? 'on' : 'off'}`,
+  );
+  console.log(`listening on ${running.url}`);
 }
 
 main().catch((error: unknown) => {
