@@ -305,7 +305,7 @@ export function mysqlStore(options: MysqlStoreOptions): MysqlStore {
       if (pending.length > 0 && !(await detect())) {
         // Without RETURNING a multi-row statement cannot report per row: claim each (in parallel).
         const each = await Promise.all(pending.map((id) => store.claim(id, input)));
-        pending.forEach((id, i) => results.set(id, each[i] as ClaimResult));
+        for (const [i, id] of pending.entries()) results.set(id, each[i] as ClaimResult);
         pending = [];
       }
       for (let attempt = 0; attempt < MAX_ATTEMPTS && pending.length > 0; attempt++) {
