@@ -259,6 +259,33 @@ describe('redis store', () => {
       }
     });
 
+    it('answers acquired to its own claim run twice (a client resending after a lost reply)', async () => {
+      // A client that runs every script twice and returns the second reply,
+      // as ioredis does when it resends unanswered commands after a reconnect.
+      const twice = {
+        evalsha: async (sha: string, n: number, ...rest: string[]) => {
+          await admin.evalsha(sha, n, ...rest);
+          return admin.evalsha(sha, n, ...rest);
+        },
+        eval: async (script: string, n: number, ...rest: string[]) => {
+          await admin.eval(script, n, ...rest);
+          return admin.eval(script, n, ...rest);
+        },
+      };
+      const resending = redisStore({ client: twice, prefix });
+      const id = newId();
+      const claim = await resending.claim(id, { fingerprint: FP, leaseMs: 50, ttlMs: 60_000 });
+      if (claim.status !== 'acquired') throw new Error(`expected acquired, got ${claim.status}`);
+      expect(claim.takeover).toBe(false);
+      await sleep(120);
+      const taken = await resending.claim(id, { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 });
+      if (taken.status !== 'acquired') throw new Error(`expected acquired, got ${taken.status}`);
+      expect(taken.takeover).toBe(true);
+      expect(taken.leaseUntil).toBeGreaterThan(Date.now() + 20_000);
+      expect(await store.complete(id, claim.token, 'stale', 60_000)).toBe(false);
+      expect(await store.complete(id, taken.token, 'fresh', 60_000)).toBe(true);
+    });
+
     it('claims duplicate ids in one batch once', async () => {
       const id = newId();
       const results = await store.claimMany!([id, id], { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 });
