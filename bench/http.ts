@@ -9,19 +9,20 @@
  * request come from a counting wrapper around the store in each server.
  *
  *   node --conditions=source --import tsx bench/http.ts
- *   ROUNDS=3 DURATION=5 WARMUP=2 CONNECTIONS=50 (the defaults)
+ *   ROUNDS=5 DURATION=3 WARMUP=2 CONNECTIONS=50 (the defaults: about 2.5 minutes)
  *
  * Prints a table and writes it into docs/benchmarks.md (section "http").
  * Not a test: nothing here asserts on time.
  */
 import { randomUUID } from 'node:crypto';
+import { loadavg } from 'node:os';
 import { counts, fmtRange, load, type Path, type RunResult, send, summarise, table } from './lib/load.js';
 import { machine } from './lib/machine.js';
 import { type Server, startServer, stopAllOnExit } from './lib/spawn.js';
 import { writeSection } from './lib/doc.js';
 
-const ROUNDS = Number(process.env.ROUNDS ?? 3);
-const DURATION = Number(process.env.DURATION ?? 5);
+const ROUNDS = Number(process.env.ROUNDS ?? 5);
+const DURATION = Number(process.env.DURATION ?? 3);
 const WARMUP = Number(process.env.WARMUP ?? 2);
 const CONNECTIONS = Number(process.env.CONNECTIONS ?? 50);
 const WRITE_DOC = process.env.WRITE_DOC !== '0';
@@ -49,6 +50,7 @@ interface Sample extends RunResult {
 }
 
 const started = Date.now();
+const load0 = loadavg();
 const servers: Server[] = [];
 stopAllOnExit(servers);
 const results = new Map<string, Sample[]>();
@@ -157,6 +159,7 @@ const md = [
   'Machine:',
   '',
   machine(),
+  `- load average (1, 5, 15 min) at start ${load0.map((n) => n.toFixed(1)).join(', ')}, at end ${loadavg().map((n) => n.toFixed(1)).join(', ')}: other work may have shared the machine, which is why ratios are taken per round`,
 ].join('\n');
 console.log(`\n${md}`);
 if (WRITE_DOC) writeSection('http', md);

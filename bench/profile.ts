@@ -68,6 +68,7 @@ function report(file: string, label: string): void {
     }
     if (idle || startup) continue;
     busy += 1;
+    if (seen.size > 0) seen.add('any oncely frame (src/) on the stack');
     for (const name of seen) inclusive.set(name, (inclusive.get(name) ?? 0) + 1);
   }
   const total = profile.samples.length;
