@@ -53,10 +53,24 @@ export interface MysqlQueryable {
   query(sql: string, values?: MysqlValue[]): Promise<[unknown, unknown]>;
 }
 
-/** A statement parameter, as the store sends them. */
+/**
+ * A statement parameter, as the store sends them.
+ *
+ * @example
+ * ```ts
+ * const values: MysqlValue[] = ['id', 30_000, null];
+ * ```
+ */
 export type MysqlValue = string | number | null;
 
-/** Options of {@link mysqlStore}. */
+/**
+ * Options of {@link mysqlStore}.
+ *
+ * @example
+ * ```ts
+ * const options: MysqlStoreOptions = { pool, table: 'app.oncely_records', returning: true };
+ * ```
+ */
 export interface MysqlStoreOptions {
   /** The user's `mysql2/promise` pool; the store never ends it. */
   pool: MysqlQueryable;
@@ -69,13 +83,28 @@ export interface MysqlStoreOptions {
   returning?: boolean;
 }
 
-/** Options of {@link migrateMysql} and {@link mysqlSchemaSql}. */
+/**
+ * Options of {@link migrateMysql} and {@link mysqlSchemaSql}.
+ *
+ * @example
+ * ```ts
+ * await migrateMysql(pool, { table: 'oncely_records' } satisfies MysqlMigrateOptions);
+ * ```
+ */
 export interface MysqlMigrateOptions {
   /** Table name, optionally `database.table`. Default `oncely_records`. */
   table?: string;
 }
 
-/** The store {@link mysqlStore} returns. */
+/**
+ * The store {@link mysqlStore} returns: an {@link IdempotencyStore} that also names its table.
+ *
+ * @example
+ * ```ts
+ * const store: MysqlStore = mysqlStore({ pool });
+ * console.log(store.table); // `oncely_records`
+ * ```
+ */
 export interface MysqlStore extends IdempotencyStore {
   /** The quoted table name the store uses. */
   readonly table: string;

@@ -34,14 +34,28 @@ import type {
 import { newToken } from '../engine/token.js';
 import { ConfigError, StoreUnavailableError } from '../errors/index.js';
 
-/** A query as `pg` accepts it: a `name` makes it a prepared statement, reused per connection. */
+/**
+ * A query as `pg` accepts it: a `name` makes it a prepared statement, reused per connection.
+ *
+ * @example
+ * ```ts
+ * const query: PgQueryConfig = { name: 'get_one', text: 'SELECT $1::int AS n', values: [1] };
+ * ```
+ */
 export interface PgQueryConfig {
   name?: string;
   text: string;
   values?: unknown[];
 }
 
-/** What `pg` answers to a query (only what the store reads). */
+/**
+ * What `pg` answers to a query (only what the store reads).
+ *
+ * @example
+ * ```ts
+ * const { rows, rowCount }: PgQueryResult = await pool.query({ text: 'SELECT 1 AS n' });
+ * ```
+ */
 export interface PgQueryResult {
   rows: Record<string, unknown>[];
   rowCount: number | null;
@@ -62,7 +76,14 @@ export interface PgQueryable {
   query(config: PgQueryConfig): Promise<PgQueryResult>;
 }
 
-/** Options of {@link postgresStore}. */
+/**
+ * Options of {@link postgresStore}.
+ *
+ * @example
+ * ```ts
+ * const options: PostgresStoreOptions = { pool, schema: 'app', table: 'oncely_records' };
+ * ```
+ */
 export interface PostgresStoreOptions {
   /** The user's `pg` Pool (or Client); the store never ends it. */
   pool: PgQueryable;
@@ -72,7 +93,14 @@ export interface PostgresStoreOptions {
   table?: string;
 }
 
-/** Options of {@link migratePostgres} and {@link postgresSchemaSql}. */
+/**
+ * Options of {@link migratePostgres} and {@link postgresSchemaSql}.
+ *
+ * @example
+ * ```ts
+ * await migratePostgres(pool, { schema: 'app', table: 'oncely_records' } satisfies PostgresMigrateOptions);
+ * ```
+ */
 export interface PostgresMigrateOptions {
   /** Schema of the table, created when missing; default: the connection's `search_path`. */
   schema?: string;
@@ -80,7 +108,15 @@ export interface PostgresMigrateOptions {
   table?: string;
 }
 
-/** The store {@link postgresStore} returns. */
+/**
+ * The store {@link postgresStore} returns: an {@link IdempotencyStore} that also names its table.
+ *
+ * @example
+ * ```ts
+ * const store: PostgresStore = postgresStore({ pool, schema: 'app' });
+ * console.log(store.table); // "app"."oncely_records"
+ * ```
+ */
 export interface PostgresStore extends IdempotencyStore {
   /** The quoted, schema-qualified table name the store uses. */
   readonly table: string;

@@ -35,7 +35,14 @@ import type {
 import { newToken } from '../engine/token.js';
 import { ConfigError } from '../errors/index.js';
 
-/** A prepared statement, as better-sqlite3 returns from `prepare` (only what the store uses). */
+/**
+ * A prepared statement, as better-sqlite3 returns from `prepare` (only what the store uses).
+ *
+ * @example
+ * ```ts
+ * const statement: SqliteStatement = database.prepare('SELECT 1');
+ * ```
+ */
 export interface SqliteStatement {
   run(...params: unknown[]): { changes: number };
   get(...params: unknown[]): unknown;
@@ -62,7 +69,14 @@ export interface SqliteDatabase {
   readonly open: boolean;
 }
 
-/** Options of {@link sqliteStore}. */
+/**
+ * Options of {@link sqliteStore}.
+ *
+ * @example
+ * ```ts
+ * const options: SqliteStoreOptions = { database: new Database('oncely.db'), table: 'oncely_records', purgeIntervalMs: 60_000 };
+ * ```
+ */
 export interface SqliteStoreOptions {
   /** The user's better-sqlite3 `Database`; the store never closes it. */
   database: SqliteDatabase;
@@ -88,13 +102,28 @@ export interface SqliteStoreOptions {
   now?: () => number;
 }
 
-/** Options of {@link migrateSqlite}. */
+/**
+ * Options of {@link migrateSqlite}.
+ *
+ * @example
+ * ```ts
+ * migrateSqlite(database, { table: 'my_keys' } satisfies SqliteMigrateOptions);
+ * ```
+ */
 export interface SqliteMigrateOptions {
   /** Table name (letters, digits, underscores). Default `oncely_records`. */
   table?: string;
 }
 
-/** The store {@link sqliteStore} returns. */
+/**
+ * The store {@link sqliteStore} returns: an {@link IdempotencyStore} that also names its table.
+ *
+ * @example
+ * ```ts
+ * const store: SqliteStore = sqliteStore({ database });
+ * console.log(store.table); // "oncely_records"
+ * ```
+ */
 export interface SqliteStore extends IdempotencyStore {
   /** The table the store uses. */
   readonly table: string;
@@ -187,9 +216,10 @@ export function sqliteStore(options: SqliteStoreOptions): SqliteStore {
   if (options.configure !== false) {
     // WAL: readers never wait for the writer; NORMAL: no fsync per commit
     // (a power cut may lose the last commits, never corrupt the file).
+    // busy_timeout first: switching to WAL and creating the table may wait for another process.
+    db.pragma(`busy_timeout = ${Math.max(0, Math.floor(options.busyTimeoutMs ?? 5000))}`);
     db.pragma('journal_mode = WAL');
     db.pragma('synchronous = NORMAL');
-    db.pragma(`busy_timeout = ${Math.max(0, Math.floor(options.busyTimeoutMs ?? 5000))}`);
   }
   if (options.migrate !== false) migrateSqlite(db, { table });
 
