@@ -88,12 +88,15 @@ export async function openStore(url: string = DEFAULT_STORE_URL): Promise<Opened
       // Keep reconnecting in the background; commands fail at once meanwhile (503).
       retryStrategy: (times) => Math.min(times * 200, 2_000),
     });
-    client.on('error', () => {}); // reported per request as 503 by oncely
+    let lastError: Error | undefined;
+    client.on('error', (error: Error) => {
+      lastError = error; // afterwards reported per request as a 503 by oncely
+    });
     try {
       await client.connect();
     } catch (error) {
       client.disconnect();
-      throw new Error(`cannot reach Redis at ${redact(url)}: ${(error as Error).message}`);
+      throw new Error(`cannot reach Redis at ${redact(url)}: ${(lastError ?? (error as Error)).message}`);
     }
     const store = redisStore({ client });
     return {
@@ -143,12 +146,31 @@ export async function openStore(url: string = DEFAULT_STORE_URL): Promise<Opened
   );
 }
 
-/**
- * SEAM (mysql): `src/stores/mysql.ts` (`mysqlStore({ pool })`) has not
- * landed yet; until it does, a mysql:// STORE_URL is refused at start-up.
- * Wire it like postgres once it exists: a mysql2/promise pool with
- * `connectTimeout`, its migrate function when it has one, `pool.end()` on close.
- */
+/** mysql:// (and mariadb://): a mysql2/promise pool, table created when missing. */
 async function openMysql(url: string): Promise<OpenedStore> {
-  throw new Error(`STORE_URL ${redact(url)}: the MySQL store (oncely/stores/mysql) is not available yet.`);
+  const [{ default: mysql }, { mysqlStore, migrateMysql }] = await Promise.all([
+    import('mysql2/promise'),
+    import('oncely/stores/mysql'),
+  ]);
+  const u = new URL(url);
+  u.protocol = 'mysql:';
+  const pool = mysql.createPool({ uri: u.toString(), connectTimeout: CONNECT_TIMEOUT_MS, connectionLimit: 20 });
+  // mysql2 pools emit errors of idle connections on the pool's connections; a crash is not the answer.
+  pool.on('connection', (connection) => connection.on('error', () => {}));
+  try {
+    await migrateMysql(pool);
+  } catch (error) {
+    await pool.end().catch(() => {});
+    throw new Error(`cannot reach MySQL at ${redact(url)}: ${(error as Error).message}`);
+  }
+  const store = mysqlStore({ pool });
+  return {
+    store,
+    kind: 'mysql',
+    description: redact(url),
+    async close() {
+      await store.close();
+      await pool.end();
+    },
+  };
 }
