@@ -152,7 +152,7 @@ async function correctness(c: Contestant, url: string): Promise<Correctness> {
   const marker = r2.headers.get('idempotent-replayed');
   const replay: Row = {
     pass: r1.status === 201 && r2.status === r1.status && r2.body === r1.body && rExec === 1,
-    text: `${r1.status} then ${r2.status}, ${r2.body === r1.body ? 'same body' : 'different body'}, replay marker ${marker ? `\`Idempotent-Replayed: ${marker}\`` : 'none'}; handler ran ${rExec}×`,
+    text: `${r1.status} then ${r2.status}, ${r2.body === r1.body ? 'same response body' : 'another response body'}, replay marker ${marker ? `\`Idempotent-Replayed: ${marker}\`` : 'none'}; handler ran ${rExec}×`,
   };
   return { concurrency, mismatch, throwThen, fiveHundredThen, replay };
 }
@@ -267,21 +267,44 @@ async function throughput(group: Contestant[]): Promise<void> {
 // ---------------------------------------------------------------- run
 
 const results = new Map<string, { correctness?: Correctness; roundTrips?: RoundTrips }>();
+const startErrors = new Map<string, string>();
 try {
   log(`run ${RUN}: starting ${contestants.length} servers`);
-  const started = await Promise.all(contestants.map((c) => startServer(c.name, c.file, { env: { ...c.env, PREFIX: prefixOf(c) }, readyTimeoutMs: 60_000 })));
-  contestants.forEach((c, i) => servers.set(c.id, started[i]!));
-  stopAllOnExit(started);
+  // A few at a time: a dozen TypeScript start-ups at once on two cores can take minutes.
+  const settled: PromiseSettledResult<Server>[] = [];
+  for (let i = 0; i < contestants.length; i += 4) {
+    settled.push(
+      ...(await Promise.allSettled(
+        contestants
+          .slice(i, i + 4)
+          .map((c) => startServer(c.name, c.file, { env: { ...c.env, PREFIX: prefixOf(c) }, readyTimeoutMs: 90_000 })),
+      )),
+    );
+  }
+  stopAllOnExit(settled.flatMap((s) => (s.status === 'fulfilled' ? [s.value] : [])));
+  settled.forEach((s, i) => {
+    const c = contestants[i]!;
+    if (s.status === 'fulfilled') servers.set(c.id, s.value);
+    else {
+      startErrors.set(c.id, String((s.reason as Error).message ?? s.reason));
+      log(`${c.name} did not start: ${startErrors.get(c.id)}`);
+    }
+  });
   for (const c of contestants) {
-    if (c.bare) continue;
+    if (c.bare || !servers.has(c.id)) continue;
     const url = servers.get(c.id)!.url;
-    const correct = await correctness(c, url);
-    const trips = c.correctnessOnly ? undefined : await roundTrips(c, url);
-    results.set(c.id, { correctness: correct, roundTrips: trips });
-    log(`${c.framework} ${c.name}: ${Object.values(correct).map((r: Row) => (r.pass ? 'pass' : 'FAIL')).join(' ')} | round trips miss ${trips?.miss ?? '–'} replay ${trips?.replay ?? '–'}`);
+    try {
+      const correct = await correctness(c, url);
+      const trips = c.correctnessOnly ? undefined : await roundTrips(c, url);
+      results.set(c.id, { correctness: correct, roundTrips: trips });
+      log(`${c.framework} ${c.name}: ${Object.values(correct).map((r: Row) => (r.pass ? 'pass' : 'FAIL')).join(' ')} | round trips miss ${trips?.miss ?? '–'} replay ${trips?.replay ?? '–'}`);
+    } catch (error) {
+      startErrors.set(c.id, `checks stopped: ${(error as Error).message}`);
+      log(`${c.name}: ${startErrors.get(c.id)}`);
+    }
   }
   for (const framework of ['Fastify', 'Express'] as Framework[]) {
-    await throughput(contestants.filter((c) => c.framework === framework && !c.correctnessOnly));
+    await throughput(contestants.filter((c) => c.framework === framework && !c.correctnessOnly && servers.has(c.id)));
   }
 } finally {
   await Promise.all([...servers.values()].map((s) => s.stop()));
@@ -375,7 +398,7 @@ const failures = contestants
   .filter((c) => !c.bare && !c.oncely)
   .map((c) => {
     const r = results.get(c.id)?.correctness;
-    if (!r) return `- ${c.name} (${c.framework}): not run`;
+    if (!r) return `- ${c.name} (${c.framework}): not measured (${startErrors.get(c.id) ?? 'not run'})`;
     const failed = (
       [
         ['concurrency (20 keys × 100 concurrent identical requests)', r.concurrency],
