@@ -301,7 +301,8 @@ export function mysqlStore(options: MysqlStoreOptions): MysqlStore {
     table: t,
     async claim(id, input) {
       const token = newToken();
-      const values = [id, token, input.fingerprint, input.leaseMs, input.leaseMs, input.ttlMs];
+      const leaseMs = Math.round(input.leaseMs);
+      const values = [id, token, input.fingerprint, leaseMs, leaseMs, Math.round(input.ttlMs)];
       const withReturning = await detect();
       for (let attempt = 0; attempt < MAX_ATTEMPTS; attempt++) {
         if (withReturning) {
@@ -314,7 +315,7 @@ export function mysqlStore(options: MysqlStoreOptions): MysqlStore {
         const code = Number(insertId) % 4;
         const now = Math.floor(Number(insertId) / 4);
         if (code !== NOT_ACQUIRED) {
-          return { status: 'acquired', token, takeover: code === 2, leaseUntil: now + input.leaseMs };
+          return { status: 'acquired', token, takeover: code === 2, leaseUntil: now + leaseMs };
         }
         const rows = (await execute(selectSql, [id])) as Row[];
         // Between the two statements the record may have changed: the
@@ -343,9 +344,9 @@ export function mysqlStore(options: MysqlStoreOptions): MysqlStore {
           id,
           tokens.get(id) as string,
           input.fingerprint,
-          input.leaseMs,
-          input.leaseMs,
-          input.ttlMs,
+          Math.round(input.leaseMs),
+          Math.round(input.leaseMs),
+          Math.round(input.ttlMs),
         ]);
         const rows = (await execute(returningSql(pending.length), values)) as Row[];
         const byId = new Map(rows.map((row) => [text(row.id) as string, row]));
@@ -360,7 +361,7 @@ export function mysqlStore(options: MysqlStoreOptions): MysqlStore {
       return ids.map((id) => {
         const result = results.get(id) as ClaimResult;
         if (seen.has(id) && result.status === 'acquired') {
-          const now = result.leaseUntil - input.leaseMs;
+          const now = result.leaseUntil - Math.round(input.leaseMs);
           return { status: 'in_progress', fingerprint: input.fingerprint, leaseUntil: result.leaseUntil, now };
         }
         seen.add(id);
@@ -369,10 +370,10 @@ export function mysqlStore(options: MysqlStoreOptions): MysqlStore {
     },
     async renew(id, token, leaseMs) {
       // mysql2 connects with CLIENT_FOUND_ROWS by default: affectedRows counts matched rows.
-      return (await header(renewSql, [leaseMs, leaseMs, id, token])).affectedRows === 1;
+      return (await header(renewSql, [Math.round(leaseMs), Math.round(leaseMs), id, token])).affectedRows === 1;
     },
     async complete(id, token, outcome, ttlMs) {
-      return (await header(completeSql, [outcome, ttlMs, id, token])).affectedRows === 1;
+      return (await header(completeSql, [outcome, Math.round(ttlMs), id, token])).affectedRows === 1;
     },
     async release(id, token) {
       return (await header(releaseSql, [id, token])).affectedRows === 1;

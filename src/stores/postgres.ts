@@ -293,6 +293,7 @@ SELECT false, c.id, false, c.lease_until, c.state, c.fingerprint, c.expires_at, 
   const purgeSql = `DELETE FROM ${t} WHERE id IN (
   SELECT id FROM ${t} WHERE expires_at <= ${NOW} LIMIT $1 FOR UPDATE SKIP LOCKED)`;
 
+  // Durations are rounded to whole ms before they meet a bigint parameter.
   const run = (name: string, text: string, values: unknown[]): Promise<PgQueryResult> =>
     pool.query({ name: prefix + name, text, values });
 
@@ -302,7 +303,7 @@ SELECT false, c.id, false, c.lease_until, c.state, c.fingerprint, c.expires_at, 
     table: t,
     async claim(id: string, input: ClaimInput): Promise<ClaimResult> {
       const token = newToken();
-      const values = [id, token, input.fingerprint, input.leaseMs, input.ttlMs];
+      const values = [id, token, input.fingerprint, Math.round(input.leaseMs), Math.round(input.ttlMs)];
       for (let attempt = 0; attempt < MAX_CLAIM_ATTEMPTS; attempt++) {
         const { rows } = await run('claim', claimSql, values);
         const result = settle(rows[0] as ClaimRow | undefined, token, input);
@@ -318,7 +319,7 @@ SELECT false, c.id, false, c.lease_until, c.state, c.fingerprint, c.expires_at, 
       const results = new Map<string, ClaimResult>();
       let pending = [...tokens.keys()].sort();
       for (let attempt = 0; attempt < MAX_CLAIM_ATTEMPTS && pending.length > 0; attempt++) {
-        const values = [pending, pending.map((id) => tokens.get(id)), input.fingerprint, input.leaseMs, input.ttlMs];
+        const values = [pending, pending.map((id) => tokens.get(id)), input.fingerprint, Math.round(input.leaseMs), Math.round(input.ttlMs)];
         let rows: Record<string, unknown>[];
         try {
           rows = (await run('claim_many', claimManySql, values)).rows;
@@ -339,18 +340,18 @@ SELECT false, c.id, false, c.lease_until, c.state, c.fingerprint, c.expires_at, 
       return ids.map((id) => {
         const result = results.get(id) as ClaimResult;
         if (seen.has(id) && result.status === 'acquired') {
-          return { status: 'in_progress', fingerprint: input.fingerprint, leaseUntil: result.leaseUntil, now: result.leaseUntil - input.leaseMs };
+          return { status: 'in_progress', fingerprint: input.fingerprint, leaseUntil: result.leaseUntil, now: result.leaseUntil - Math.round(input.leaseMs) };
         }
         seen.add(id);
         return result;
       });
     },
     async renew(id, token, leaseMs) {
-      return ((await run('renew', renewSql, [id, token, leaseMs])).rowCount ?? 0) === 1;
+      return ((await run('renew', renewSql, [id, token, Math.round(leaseMs)])).rowCount ?? 0) === 1;
     },
     async complete(id, token, outcome, ttlMs) {
       const bytes = Buffer.from(outcome, 'utf8');
-      return ((await run('complete', completeSql, [id, token, bytes, ttlMs])).rowCount ?? 0) === 1;
+      return ((await run('complete', completeSql, [id, token, bytes, Math.round(ttlMs)])).rowCount ?? 0) === 1;
     },
     async release(id, token) {
       return ((await run('release', releaseSql, [id, token])).rowCount ?? 0) === 1;

@@ -255,8 +255,8 @@ export function sqliteStore(options: SqliteStoreOptions): SqliteStore {
 
   const decide = (id: string, input: ClaimInput, at: number): ClaimResult => {
     const row = select.get(id) as Row | undefined;
-    const leaseUntil = at + input.leaseMs;
-    const expiresAt = at + Math.max(input.ttlMs, input.leaseMs);
+    const leaseUntil = at + Math.round(input.leaseMs);
+    const expiresAt = at + Math.round(Math.max(input.ttlMs, input.leaseMs));
     if (row === undefined || row.expires_at <= at) {
       const token = newToken();
       insert.run(id, token, input.fingerprint, leaseUntil, expiresAt);
@@ -327,11 +327,12 @@ export function sqliteStore(options: SqliteStoreOptions): SqliteStore {
     },
     async renew(id, token, leaseMs) {
       const at = now();
-      return renewStmt.run(at + leaseMs, at + leaseMs, id, token, at).changes === 1;
+      const until = at + Math.round(leaseMs);
+      return renewStmt.run(until, until, id, token, at).changes === 1;
     },
     async complete(id, token, outcome, ttlMs) {
       const at = now();
-      return completeStmt.run(outcome, at + ttlMs, id, token, at).changes === 1;
+      return completeStmt.run(outcome, at + Math.round(ttlMs), id, token, at).changes === 1;
     },
     async release(id, token) {
       return releaseStmt.run(id, token, now()).changes === 1;

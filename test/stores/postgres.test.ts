@@ -184,6 +184,16 @@ describe('postgres store', () => {
     expect(() => postgresSchemaSql({ table: '' })).toThrow(/table name/);
   });
 
+  it('accepts durations that are not whole milliseconds', async () => {
+    const store = postgresStore({ pool: admin, table });
+    const id = newId();
+    const claim = await store.claim(id, { fingerprint: null, leaseMs: 1500.6, ttlMs: 60_000.4 });
+    if (claim.status !== 'acquired') throw new Error('expected acquired');
+    expect(Number.isInteger(claim.leaseUntil)).toBe(true);
+    expect(await store.renew(id, claim.token, 2500.5)).toBe(true);
+    expect(await store.complete(id, claim.token, 'ok', 1000.5)).toBe(true);
+  });
+
   it('stores an outcome of several MiB', async () => {
     const store = postgresStore({ pool: admin, table });
     const id = newId();
