@@ -8,7 +8,7 @@
  */
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { chownSync, existsSync, mkdtempSync, openSync, readdirSync, rmSync } from 'node:fs';
+import { chownSync, existsSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -130,7 +130,7 @@ function asPostgres(command: string, args: string[]): { status: number | null; o
 }
 
 describe.skipIf(pgBin === undefined)('postgres store during an outage', () => {
-  it('rejects every operation quickly while the server is down, then recovers without a new store', async () => {
+  it('rejects every operation quickly while the server is down or frozen, then recovers without a new store', async () => {
     const bin = pgBin as string;
     const dir = mkdtempSync(join(tmpdir(), 'oncely-pg-outage-'));
     if (process.getuid?.() === 0) chownSync(dir, Number(spawnSync('id', ['-u', 'postgres']).stdout), 0);
@@ -170,6 +170,34 @@ describe.skipIf(pgBin === undefined)('postgres store during an outage', () => {
     start();
     await waitFor(() => store.get(records.done), 10_000);
     await expectRecovered(store, records);
+
+    // A frozen server (every process stopped, sockets open: a black hole, not
+    // a refusal) must not hang the store either: query_timeout bounds it.
+    const postmaster = Number(readFileSync(join(data, 'postmaster.pid'), 'utf8').split('\n')[0]);
+    const children = spawnSync('ps', ['-o', 'pid=', '--ppid', String(postmaster)], { encoding: 'utf8' })
+      .stdout.split('\n')
+      .map((line) => Number(line.trim()))
+      .filter((pid) => pid > 0);
+    const frozen = [postmaster, ...children];
+    const thaw = () => {
+      for (const pid of frozen) {
+        try {
+          process.kill(pid, 'SIGCONT');
+        } catch {
+          // already gone
+        }
+      }
+    };
+    cleanups.push(thaw);
+    const again = await prepare(store);
+    for (const pid of frozen) process.kill(pid, 'SIGSTOP');
+    try {
+      await expectAllReject(store, again.busy, again.token);
+    } finally {
+      thaw();
+    }
+    await waitFor(() => store.get(again.done), 10_000);
+    await expectRecovered(store, again);
   }, 60_000);
 });
 
