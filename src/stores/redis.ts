@@ -246,10 +246,10 @@ const SCRIPTS = {
 
 type Runner = (s: Script, keys: string[], args: string[]) => Promise<unknown>;
 
-const isNoScript = (error: unknown): boolean =>
-  typeof error === 'object' &&
-  error !== null &&
-  String((error as { message?: unknown }).message).startsWith('NOSCRIPT');
+const errorMessage = (error: unknown): string =>
+  typeof error === 'object' && error !== null ? String((error as { message?: unknown }).message) : String(error);
+
+const isNoScript = (error: unknown): boolean => errorMessage(error).startsWith('NOSCRIPT');
 
 // EVALSHA first: the steady state sends only the 40-byte sha. A server that
 // lost its script cache (restart, failover, SCRIPT FLUSH) answers NOSCRIPT
@@ -398,8 +398,16 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
       if (ids.length === 0) return [];
       // One script cannot span slots; concurrent calls are pipelined by the
       // client, so a cluster batch still costs one round trip per node.
-      if (cluster) return (await Promise.all(ids.map((id) => claimBatch([id], input)))).map((r) => r[0]!);
-      return claimBatch(ids, input);
+      const each = async () => (await Promise.all(ids.map((id) => claimBatch([id], input)))).map((r) => r[0]!);
+      if (cluster) return each();
+      try {
+        return await claimBatch(ids, input);
+      } catch (error) {
+        // A cluster client that was not detected: the server refused the
+        // batch before running it, so nothing was claimed; go id by id.
+        if (ids.length > 1 && errorMessage(error).startsWith('CROSSSLOT')) return each();
+        throw error;
+      }
     },
     async renew(id, token, leaseMs) {
       return int(await run(SCRIPTS.renew, [keyOf(id)], [token, ms('leaseMs', leaseMs)])) === 1;

@@ -142,5 +142,13 @@ for (const [kind, { open, close }] of Object.entries(clients) as [
         expect(replay.status === 'completed' && replay.record.outcome).toBe(`outcome ${i}`);
       }
     });
+
+    it('still claims a batch when told the client is not a cluster client', async () => {
+      const store = redisStore({ client, prefix: own, cluster: false });
+      const ids = Array.from({ length: 10 }, newId);
+      const input = { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 };
+      expect((await store.claimMany!(ids, input)).map((r) => r.status)).toEqual(ids.map(() => 'acquired'));
+      expect((await store.claimMany!(ids, input)).map((r) => r.status)).toEqual(ids.map(() => 'in_progress'));
+    });
   });
 }
