@@ -207,6 +207,18 @@ export function defineStoreConformance(runner: ConformanceRunner, options: Store
       if (busy.status === 'in_progress') assert.ok(busy.leaseUntil > busy.now);
     });
 
+    it('keeps a record alive past its first retention while its lease is renewed', async () => {
+      const id = newId();
+      const claim = await store.claim(id, { fingerprint: FP, leaseMs: short, ttlMs: short });
+      if (claim.status !== 'acquired') assert.fail('expected acquired');
+      for (let i = 0; i < 5; i++) {
+        await sleep(short / 2);
+        assert.equal(await store.renew(id, claim.token, short), true, `renewal ${i} keeps the record`);
+      }
+      assert.equal((await store.get(id))?.state, 'in_progress', 'a long run does not lose its record');
+      assert.equal(await store.complete(id, claim.token, 'long run', 60_000), true);
+    });
+
     it('lets another worker take over an expired lease and fences the old owner', async () => {
       const id = newId();
       const old = await store.claim(id, SHORT);
@@ -368,6 +380,22 @@ export function defineStoreConformance(runner: ConformanceRunner, options: Store
         ['acquired', 'completed', 'in_progress'],
       );
       assert.deepEqual(await store.claimMany([], LONG), []);
+    });
+
+    it('takes over expired leases inside a batch, and fences the old owners', async () => {
+      if (!store.claimMany) return;
+      const stale = newId();
+      const fresh = newId();
+      const old = await store.claim(stale, SHORT);
+      if (old.status !== 'acquired') assert.fail('expected acquired');
+      await sleep(short * 2 + 50);
+      const results = await store.claimMany([stale, fresh], SHORT);
+      const [taken, made] = results;
+      if (taken?.status !== 'acquired' || made?.status !== 'acquired') assert.fail('expected both acquired');
+      assert.equal(taken.takeover, true);
+      assert.equal(made.takeover, false);
+      assert.equal(await store.complete(stale, old.token, 'stale', 60_000), false);
+      assert.equal(await store.complete(stale, taken.token, 'fresh', 60_000), true);
     });
   });
 }
