@@ -151,9 +151,23 @@ export interface BatchOptions extends HandleOptions {
   shouldContinue?: () => boolean;
   /** Told each verdict as soon as it is known, in order (e.g. to resolve a Kafka offset at once). */
   onVerdict?: (verdict: ConsumerVerdict, index: number) => unknown;
+  /**
+   * Let each completion travel to the store while the next handler runs,
+   * and answer once all are stored (acknowledge after the batch). Fewer
+   * waits per message; ignored with `stopAtFirstBreak`. Default false.
+   */
+  overlapCompletion?: boolean;
 }
 
 const STORED_OUTCOME = '{}';
+
+/** A handler that ran under a claim and awaits its completion. */
+interface Ran {
+  claim: Claim;
+  id: string;
+  rid: string;
+  started: number;
+}
 
 /**
  * The broker-neutral idempotent consumer: claim, run, complete, and only then
@@ -277,35 +291,58 @@ export class IdempotentConsumer<M> {
       return items.map((item, i) => this.#storeError(item.id, rids[i]!, error));
     }
     const byRid = new Map<string, ClaimResult>();
-    for (let i = 0; i < unique.length; i++) byRid.set(unique[i]!, results[i]!);
-    const verdictOf = new Map<string, ConsumerVerdict>();
-    const verdicts: ConsumerVerdict[] = [];
+    // Every won claim gets its Claim (and so its lease renewal) now: the
+    // leases started with claimMany, not when the message's turn comes.
+    const claims = new Map<string, Claim>();
+    for (let i = 0; i < unique.length; i++) {
+      const rid = unique[i]!;
+      const result = results[i]!;
+      byRid.set(rid, result);
+      if (result.status === 'acquired') claims.set(rid, this.#claimOf(rid, result));
+    }
+    const overlap = options.overlapCompletion === true && !options.stopAtFirstBreak;
+    const verdictOf = new Map<string, Promise<ConsumerVerdict>>();
+    const pending: Array<Promise<ConsumerVerdict>> = [];
     let broken = false;
     for (let i = 0; i < items.length; i++) {
       const item = items[i]!;
       const rid = rids[i]!;
       const earlier = verdictOf.get(rid);
+      let verdict: Promise<ConsumerVerdict>;
       if (earlier) {
         // A copy inside the same batch: it follows the first copy.
-        const action: ConsumerAction = shouldAcknowledge(earlier) ? 'duplicate' : earlier.action === 'failed' ? 'skipped' : earlier.action;
-        const copy: ConsumerVerdict = { ...earlier, action, id: item.id, error: undefined };
-        verdicts.push(copy);
-        if (action === 'duplicate') this.#emit('duplicate', { id: item.id, recordId: rid });
-        await options.onVerdict?.(copy, i);
-        continue;
+        verdict = earlier.then((first) => {
+          const action: ConsumerAction = shouldAcknowledge(first) ? 'duplicate' : first.action === 'failed' ? 'skipped' : first.action;
+          if (action === 'duplicate') this.#emit('duplicate', { id: item.id, recordId: rid });
+          return { ...first, action, id: item.id, error: undefined };
+        });
+      } else {
+        const claimed = byRid.get(rid)!;
+        const claim = claims.get(rid);
+        const stop = (broken && options.stopAtFirstBreak) || (options.shouldContinue ? !options.shouldContinue() : false);
+        if (stop) {
+          if (claim) await claim.release('batch stopped before this message');
+          verdict = Promise.resolve({ action: 'skipped', id: item.id, recordId: rid });
+        } else {
+          const step = await this.#run(item.message, item.id, rid, claimed, claim, options);
+          if ('action' in step) verdict = Promise.resolve(step);
+          else {
+            verdict = this.#finish(step);
+            // Overlapped: the next handler runs while this completion travels; acks wait for all of them.
+            if (!overlap) await verdict;
+          }
+        }
+        verdictOf.set(rid, verdict);
       }
-      const claimed = byRid.get(rid)!;
-      const stop = (broken && options.stopAtFirstBreak) || (options.shouldContinue ? !options.shouldContinue() : false);
-      let verdict: ConsumerVerdict;
-      if (stop) {
-        if (claimed.status === 'acquired') await this.#claimOf(rid, claimed).release('batch stopped before this message');
-        verdict = { action: 'skipped', id: item.id, recordId: rid };
-      } else verdict = await this.#afterClaim(item.message, item.id, rid, claimed, options);
-      if (!shouldAcknowledge(verdict)) broken = true;
-      verdictOf.set(rid, verdict);
-      verdicts.push(verdict);
-      await options.onVerdict?.(verdict, i);
+      pending.push(verdict);
+      if (!overlap) {
+        const known = await verdict;
+        if (!shouldAcknowledge(known)) broken = true;
+        await options.onVerdict?.(known, i);
+      }
     }
+    const verdicts = await Promise.all(pending);
+    if (overlap && options.onVerdict) for (let i = 0; i < verdicts.length; i++) await options.onVerdict(verdicts[i]!, i);
     return verdicts;
   }
 
@@ -332,24 +369,39 @@ export class IdempotentConsumer<M> {
   }
 
   async #afterClaim(message: M, id: string, rid: string, result: ClaimResult, options: HandleOptions): Promise<ConsumerVerdict> {
+    const claim = result.status === 'acquired' ? this.#claimOf(rid, result) : undefined;
+    const step = await this.#run(message, id, rid, result, claim, options);
+    return 'action' in step ? step : this.#finish(step);
+  }
+
+  /** Everything up to the completion: a final verdict, or a handler that ran and must be completed. */
+  async #run(
+    message: M,
+    id: string,
+    rid: string,
+    result: ClaimResult,
+    claim: Claim | undefined,
+    options: HandleOptions,
+  ): Promise<ConsumerVerdict | Ran> {
     if (result.status === 'completed') {
       this.engine.emit('replayed', { id: rid });
       this.#emit('duplicate', { id, recordId: rid });
       return { action: 'duplicate', id, recordId: rid };
     }
-    if (result.status === 'in_progress') {
-      this.engine.emit('conflict', { id: rid, leaseUntil: result.leaseUntil });
-      this.#emit('inFlight', { id, recordId: rid, leaseUntil: result.leaseUntil });
+    if (result.status === 'in_progress' || claim === undefined) {
+      const leaseUntil = result.status === 'in_progress' ? result.leaseUntil : 0;
+      const now = result.status === 'in_progress' ? result.now : 0;
+      this.engine.emit('conflict', { id: rid, leaseUntil });
+      this.#emit('inFlight', { id, recordId: rid, leaseUntil });
       return {
         action: 'in_flight',
         id,
         recordId: rid,
-        leaseUntil: result.leaseUntil,
-        error: new InFlightError(result.leaseUntil, Math.max(1, Math.ceil((result.leaseUntil - result.now) / 1000))),
+        leaseUntil,
+        error: new InFlightError(leaseUntil, Math.max(1, Math.ceil((leaseUntil - now) / 1000))),
       };
     }
-    this.engine.emit('acquired', { id: rid, takeover: result.takeover });
-    const claim = this.#claimOf(rid, result);
+    this.engine.emit('acquired', { id: rid, takeover: claim.takeover });
     const started = Date.now();
     const ticker = this.#startWorking(id, options.working);
     try {
@@ -367,6 +419,11 @@ export class IdempotentConsumer<M> {
       this.#emit('fenced', { id, recordId: rid });
       return { action: 'fenced', id, recordId: rid };
     }
+    return { claim, id, rid, started };
+  }
+
+  /** Store the completion of a handler that ran. */
+  async #finish({ claim, id, rid, started }: Ran): Promise<ConsumerVerdict> {
     let stored: boolean;
     try {
       stored = await claim.complete(STORED_OUTCOME);

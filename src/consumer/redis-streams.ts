@@ -189,7 +189,7 @@ export async function consumeRedisStream(options: RedisStreamConsumerOptions): P
     const idle = Math.max(1, Math.floor(minIdleMs / 6));
     const working = (): Promise<unknown> =>
       call('XCLAIM', stream, group, consumerName, idle, ...items.map((item) => item.message.id), 'JUSTID');
-    const verdicts = await consumer.handleBatch(items, { working });
+    const verdicts = await consumer.handleBatch(items, { working, overlapCompletion: true });
     const ack = verdicts.flatMap((verdict, i) => (shouldAcknowledge(verdict) ? [items[i]!.message.id] : []));
     if (ack.length > 0) {
       try {
