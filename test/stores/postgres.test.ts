@@ -178,6 +178,21 @@ describe('postgres store', () => {
     expect(elsewhere.status).toBe('acquired');
   });
 
+  it('migrates safely from several processes at once', async () => {
+    const racing = `racing_${suffix}`;
+    const racers = Array.from({ length: 6 }, () => newPool());
+    try {
+      await Promise.all(racers.map((pool) => migratePostgres(pool, { schema, table: racing })));
+      const { rows } = await admin.query('SELECT count(*)::int AS n FROM pg_tables WHERE schemaname = $1 AND tablename = $2', [
+        schema,
+        racing,
+      ]);
+      expect(rows[0].n).toBe(1);
+    } finally {
+      await admin.query(`DROP TABLE IF EXISTS "${schema}"."${racing}"`);
+    }
+  });
+
   it('refuses schema and table names that are not plain identifiers', () => {
     expect(() => postgresStore({ pool: admin, table: 'x"; drop table y; --' })).toThrow(/table name/);
     expect(() => postgresStore({ pool: admin, schema: 'a.b' })).toThrow(/schema name/);
