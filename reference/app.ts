@@ -18,7 +18,8 @@ import type { IdempotencyStore } from 'oncely';
 import { oncely } from 'oncely/fastify';
 import { type BusinessDb, openBusinessDb } from './db.js';
 import { orderRoutes } from './orders.js';
-import { type LedgerLike, paymentRoutes } from './payments.js';
+import { createLedger, type Ledger } from './ledger/index.js';
+import { paymentRoutes } from './payments.js';
 import { installProblemHandlers, problem, sendProblem } from './problem.js';
 import { DEFAULT_STORE_URL, type OpenedStore, openStore } from './store-url.js';
 import { tradeRoutes } from './trades.js';
@@ -62,17 +63,19 @@ export interface ReferenceOptions {
   /** The app's own base URL, for the orders → payments call; default: the address it listens on. */
   baseUrl?: string;
   /**
-   * SEAM (ledger): makes the ledger over the business database. Payments
-   * then record their event in its outbox inside the payment transaction,
-   * `GET /ledger` shows it, and it is started and stopped with the app.
+   * The ledger (default on): payments record a `payment.succeeded` event in
+   * its outbox inside the payment transaction, it applies each event once,
+   * and `GET /ledger` shows the caller's entries. `false` leaves it out.
    */
-  ledger?: (db: BusinessDb) => LedgerLike;
+  ledger?: boolean;
+  /** Where payment events travel: `amqp://`, `nats://`, `redis://`; none: in-process [`BROKER_URL`]. */
+  brokerUrl?: string;
 }
 
 /** What the route modules share. */
 export interface RouteContext {
   db: BusinessDb;
-  ledger: LedgerLike | undefined;
+  ledger: Ledger | undefined;
   paymentDelayMs: number;
   paymentDelayAfterMs: number;
   orderDelayMs: number;
@@ -111,7 +114,14 @@ export async function buildApp(options: ReferenceOptions = {}): Promise<FastifyI
     await opened?.close();
     throw error;
   }
-  const ledger = options.ledger?.(db);
+  let ledger: Ledger | undefined;
+  try {
+    ledger = options.ledger === false ? undefined : createLedger({ db, brokerUrl: options.brokerUrl });
+  } catch (error) {
+    db.close();
+    await opened?.close();
+    throw error;
+  }
 
   const app = Fastify({
     logger: options.logger ?? false,
@@ -194,7 +204,12 @@ export async function buildApp(options: ReferenceOptions = {}): Promise<FastifyI
     await opened?.close();
     db.close();
   });
-  await app.ready();
+  try {
+    await app.ready();
+  } catch (error) {
+    await app.close().catch(() => {});
+    throw error;
+  }
   return app;
 }
 
@@ -249,5 +264,6 @@ export function referenceOptionsFromEnv(env: NodeJS.ProcessEnv = process.env): R
     orderDelayMs: envNumber(env, 'ORDER_DELAY_MS', 0) ?? 0,
     bodyLimit: envNumber(env, 'BODY_LIMIT', 1) ?? 1024 * 1024,
     logger: env.LOG === '1' || env.LOG === 'true',
+    brokerUrl: env.BROKER_URL || undefined,
   };
 }

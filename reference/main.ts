@@ -44,12 +44,11 @@ for (const signal of ['SIGINT', 'SIGTERM'] as const) {
 
 async function main(): Promise<void> {
   const options = referenceOptionsFromEnv(process.env);
-  // SEAM (ledger): once reference/ledger lands, pass
-  // `ledger: (db) => createLedger({ db, brokerUrl: process.env.BROKER_URL })`.
   running = await startReference(options);
   if (stopping) return shutdown();
   console.error(
-    `[reference] store ${options.storeUrl}, data ${options.dataDir}, idempotency ${options.idempotency ? 'on' : 'off'}`,
+    `[reference] store ${options.storeUrl}, data ${options.dataDir}, idempotency ${options.idempotency ? 'on' : 'off'}, ` +
+      `events ${options.brokerUrl ? 'via broker' : 'in-process'}`,
   );
   console.log(`listening on ${running.url}`);
 }

@@ -1,18 +1,20 @@
 /**
  * Payments: `POST /payments` (idempotent through oncely), `GET /payments`,
- * `GET /payments/:id`, and `GET /ledger` when a ledger is wired.
+ * `GET /payments/:id`, and `GET /ledger` (what the ledger recorded).
  *
  * Belt and braces: the payment row stores the idempotency record id
  * (`request.idempotency.id`), UNIQUE per account, and is inserted in one
- * SQLite transaction with the ledger's outbox event. A handler that runs
- * again after a crash (lease takeover) finds the payment its predecessor
- * committed and answers with it instead of charging twice.
+ * SQLite transaction with the ledger's outbox event (`reference/ledger`).
+ * A handler that runs again after a crash (lease takeover) finds the
+ * payment its predecessor committed and answers with it instead of
+ * charging twice.
  *
  * @module
  */
 import type { FastifyInstance, FastifyReply } from 'fastify';
 import type { RouteContext } from './app.js';
 import { newId, pause } from './db.js';
+import type { PaymentEvent } from './ledger/index.js';
 import { problem, ProblemError } from './problem.js';
 
 /** A payment as the API answers it. */
@@ -24,28 +26,6 @@ export interface Payment {
   created: string;
   customer?: string;
   description?: string;
-}
-
-/** The event a payment emits to the ledger (through its outbox). */
-export interface PaymentEvent {
-  id: string;
-  type: 'payment.succeeded';
-  account: string;
-  payment: string;
-  amount: number;
-  currency: string;
-}
-
-/**
- * What the reference needs of the ledger (`reference/ledger`, built
- * separately): `recordInOutbox` is called synchronously inside the payment's
- * better-sqlite3 transaction.
- */
-export interface LedgerLike {
-  recordInOutbox(event: PaymentEvent): void;
-  start(): unknown;
-  stop(): unknown;
-  view(account: string): unknown;
 }
 
 interface PaymentRow {
@@ -131,16 +111,17 @@ export async function paymentRoutes(app: FastifyInstance, ctx: RouteContext): Pr
       description: body.description ?? null,
     };
     insert.run(row.id, account, idempotencyId, row.amount, row.currency, row.customer, row.description, row.created);
-    // SEAM (ledger): the event commits or rolls back with the payment.
+    // The ledger's event commits or rolls back with the payment (transactional outbox).
     if (ledger) {
-      ledger.recordInOutbox({
+      const event: PaymentEvent = {
         id: `evt_${row.id}`,
         type: 'payment.succeeded',
         account,
         payment: row.id,
         amount: row.amount,
         currency: row.currency,
-      });
+      };
+      ledger.recordInOutbox(event);
     }
     return row;
   });

@@ -188,6 +188,16 @@ describe.concurrent('the reference server killed with SIGKILL and restarted on t
     const replay = await post(`${server.url}/payments`, account, key, body);
     expect(replay.replayed).toBe(true);
     expect(replay.text).toBe(retry.text);
+    // The ledger event committed with the payment is relayed after the restart, and applied once.
+    const ledger = await until('the ledger entry', async () => {
+      const res = await fetch(`${server.url}/ledger`, { headers: { authorization: `Bearer ${account}` } });
+      const view = (await res.json()) as { data: Array<{ payment: string }>; balance: Record<string, number> };
+      return view.data.length > 0 ? view : undefined;
+    });
+    await sleep(300);
+    const settled = (await (await fetch(`${server.url}/ledger`, { headers: { authorization: `Bearer ${account}` } })).json()) as typeof ledger;
+    expect(settled.data.map((e) => e.payment)).toEqual([committed.id]);
+    expect(settled.balance).toEqual({ GBP: 5000 });
     await kill9(server);
   });
 

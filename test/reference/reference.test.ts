@@ -388,6 +388,23 @@ describe.each(variants)('reference system on the %s store', (kind, storeUrl) => 
     expect(await paymentCount(slow.url, account)).toBe(1);
   });
 
+  it('records each payment once in the ledger (GET /ledger), replays included', async () => {
+    const account = fresh('acct');
+    const key = fresh();
+    expect(await call(url, 'POST', '/payments', { account, key, body: { amount: 300, currency: 'EUR' } })).toMatchObject({ status: 201 });
+    await call(url, 'POST', '/payments', { account, key, body: { amount: 300, currency: 'EUR' } });
+    expect((await call(url, 'POST', '/payments', { account, key: fresh(), body: { amount: 50, currency: 'USD' } })).status).toBe(201);
+    const payments = (await call(url, 'GET', '/payments', { account })).json().data as Array<{ id: string }>;
+    let ledger: { data: Array<{ payment: string }>; balance: Record<string, number> } = { data: [], balance: {} };
+    for (let i = 0; i < 100 && ledger.data.length < 2; i++) {
+      await new Promise((r) => setTimeout(r, 50));
+      ledger = (await call(url, 'GET', '/ledger', { account })).json() as typeof ledger;
+    }
+    expect(ledger.data.map((e) => e.payment)).toEqual(payments.map((p) => p.id));
+    expect(ledger.balance).toEqual({ EUR: 300, USD: 50 });
+    expect((await call(url, 'GET', '/ledger', { account: fresh('other') })).json()).toEqual({ data: [], balance: {} });
+  });
+
   it('executes trades idempotently', async () => {
     const account = fresh('acct');
     const key = fresh();
@@ -516,6 +533,25 @@ describe('reference system variants', () => {
       expect(b.headers.get('idempotent-replayed')).toBeNull();
       expect(await paymentCount(ref.url, account)).toBe(3);
       expect((await call(ref.url, 'GET', '/healthz')).json()).toMatchObject({ idempotency: false });
+    } finally {
+      await ref.close();
+    }
+  });
+
+  it('limits bodies to 1 MiB by default: 413 just above it, a body of 1 MiB is read', async () => {
+    const ref = await startReference({ storeUrl: 'memory:', dataDir: tempDir(), port: 0 });
+    try {
+      const account = fresh('acct');
+      const padded = (size: number): string => {
+        const base = JSON.stringify({ ...PAY, description: '' });
+        return JSON.stringify({ ...PAY, description: 'x'.repeat(size - base.length) });
+      };
+      const over = await raw(ref.url, '/payments', { authorization: `Bearer ${account}`, 'idempotency-key': fresh() }, padded(1024 * 1024 + 1));
+      expectProblem(over, 413);
+      // Exactly 1 MiB passes the limit (and then fails the schema's description length: 400, not 413).
+      const at = await raw(ref.url, '/payments', { authorization: `Bearer ${account}`, 'idempotency-key': fresh() }, padded(1024 * 1024));
+      expectProblem(at, 400);
+      expect(await paymentCount(ref.url, account)).toBe(0);
     } finally {
       await ref.close();
     }
