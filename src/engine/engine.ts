@@ -132,25 +132,34 @@ export class Engine {
    * {@link StoreUnavailableError} (except oncely's own errors, such as a full store).
    * @internal
    */
-  async storeCall<T>(id: string | undefined, operation: string, call: () => Promise<T>): Promise<T> {
-    let timer: NodeJS.Timeout | undefined;
-    try {
-      return await Promise.race([
-        call(),
-        new Promise<never>((_, reject) => {
-          timer = setTimeout(
-            () => reject(new Error(`${this.store.name} store did not answer ${operation} within ${this.storeTimeoutMs} ms`)),
-            this.storeTimeoutMs,
-          );
-        }),
-      ]);
-    } catch (error) {
-      this.#events.emit('storeError', { id, operation, error });
-      if (isOncelyError(error)) throw error;
-      throw new StoreUnavailableError(undefined, { cause: error });
-    } finally {
-      clearTimeout(timer);
-    }
+  storeCall<T>(id: string | undefined, operation: string, call: () => Promise<T>): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      let settled = false;
+      const fail = (error: unknown): void => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        this.#events.emit('storeError', { id, operation, error });
+        reject(isOncelyError(error) ? error : new StoreUnavailableError(undefined, { cause: error }));
+      };
+      const timer = setTimeout(
+        () => fail(new Error(`${this.store.name} store did not answer ${operation} within ${this.storeTimeoutMs} ms`)),
+        this.storeTimeoutMs,
+      );
+      let pending: Promise<T>;
+      try {
+        pending = call();
+      } catch (error) {
+        fail(error);
+        return;
+      }
+      pending.then((value) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        resolve(value);
+      }, fail);
+    });
   }
 
   /**
