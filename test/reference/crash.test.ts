@@ -8,6 +8,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import Database from 'better-sqlite3';
 import { afterAll, describe, it } from 'vitest';
 
 const ROOT = join(import.meta.dirname, '..', '..');
@@ -113,6 +114,22 @@ async function until<T>(what: string, probe: () => Promise<T | undefined>, timeo
   }
 }
 
+/** Wait until the server holds a claim (a record in progress) in the store file of `dir`. */
+async function claimed(dir: string): Promise<void> {
+  await until('the claim in the store', async () => {
+    let db: Database.Database | undefined;
+    try {
+      db = new Database(join(dir, 'oncely.db'), { readonly: true, fileMustExist: true });
+      const row = db.prepare('SELECT count(*) AS n FROM oncely_records WHERE state = 0').get() as { n: number };
+      return row.n > 0 ? true : undefined;
+    } catch {
+      return undefined; // not created yet
+    } finally {
+      db?.close();
+    }
+  });
+}
+
 function tempDir(): string {
   const dir = mkdtempSync(join(tmpdir(), 'oncely-ref-crash-'));
   dirs.push(dir);
@@ -130,7 +147,8 @@ describe.concurrent('the reference server killed with SIGKILL and restarted on t
 
     let server = await startServer(dir, env);
     const inFlight = post(`${server.url}/payments`, account, key, body).catch((error: unknown) => error);
-    await sleep(700); // claimed and sleeping in the "PSP call"
+    await claimed(dir);
+    await sleep(200); // claimed and sleeping in the "PSP call"
     await kill9(server);
     const killedAt = Date.now();
     expect(await inFlight).toBeInstanceOf(Error); // the connection died with the server
@@ -239,7 +257,8 @@ describe.concurrent('the reference server killed with SIGKILL and restarted on t
     const a = await startServer(dir, env);
     const b = await startServer(dir, env);
     const inFlight = post(`${a.url}/payments`, account, key, body).catch((error: unknown) => error);
-    await sleep(500);
+    await claimed(dir);
+    await sleep(200);
     await kill9(a);
     const killedAt = Date.now();
     expect(await inFlight).toBeInstanceOf(Error);
