@@ -9,21 +9,22 @@
  * request come from a counting wrapper around the store in each server.
  *
  *   node --conditions=source --import tsx bench/http.ts
- *   ROUNDS=5 DURATION=3 WARMUP=2 CONNECTIONS=50 (the defaults: about 2.5 minutes)
+ *   ROUNDS=5 DURATION=3 WARMUP=3 CONNECTIONS=50 (the defaults: about 2.5 minutes)
  *
  * Prints a table and writes it into docs/benchmarks.md (section "http").
  * Not a test: nothing here asserts on time.
  */
 import { randomUUID } from 'node:crypto';
 import { loadavg } from 'node:os';
-import { counts, fmtRange, load, type Path, type RunResult, send, summarise, table } from './lib/load.js';
+import { Redis } from 'ioredis';
+import { counts, fmtRange, load, type Path, type RunResult, redisCpuUs, send, summarise, table } from './lib/load.js';
 import { machine } from './lib/machine.js';
 import { type Server, startServer, stopAllOnExit } from './lib/spawn.js';
 import { writeSection } from './lib/doc.js';
 
 const ROUNDS = Number(process.env.ROUNDS ?? 5);
 const DURATION = Number(process.env.DURATION ?? 3);
-const WARMUP = Number(process.env.WARMUP ?? 2);
+const WARMUP = Number(process.env.WARMUP ?? 3);
 const CONNECTIONS = Number(process.env.CONNECTIONS ?? 50);
 const WRITE_DOC = process.env.WRITE_DOC !== '0';
 const RUN = randomUUID().slice(0, 8);
@@ -46,6 +47,10 @@ const paths: Path[] = ['miss', 'replay'];
 
 interface Sample extends RunResult {
   executions: number;
+  /** Server CPU time per request, µs. */
+  cpuPerReq: number;
+  /** Redis server CPU time per request, µs (Redis is shared: approximate). */
+  redisCpuPerReq: number;
   store: Record<string, number>;
 }
 
@@ -53,11 +58,15 @@ const started = Date.now();
 const load0 = loadavg();
 const servers: Server[] = [];
 stopAllOnExit(servers);
+// Reads Redis's own CPU time (INFO cpu) around each round.
+const admin = new Redis({ host: '127.0.0.1', port: 6379, lazyConnect: true });
+await admin.connect();
 const results = new Map<string, Sample[]>();
 const at = (c: Contestant, p: Path) => `${c.name}|${p}`;
 
 async function measure(server: Server, path: Path, durationS: number, round: number): Promise<Sample> {
   const before = await counts(server.url);
+  const redis0 = await redisCpuUs(admin);
   const r = await load({
     url: server.url,
     path,
@@ -67,12 +76,13 @@ async function measure(server: Server, path: Path, durationS: number, round: num
     keyPrefix: `miss-${RUN}-${round}-`,
   });
   const after = await counts(server.url);
+  const redis1 = await redisCpuUs(admin);
   const store: Record<string, number> = {};
   for (const [op, n] of Object.entries(after.store ?? {})) {
     const d = n - (before.store?.[op] ?? 0);
     if (d > 0) store[op] = d;
   }
-  return { ...r, executions: after.total - before.total, store };
+  return { ...r, executions: after.total - before.total, store, cpuPerReq: (after.cpuUs - before.cpuUs) / Math.max(1, r.requests), redisCpuPerReq: (redis1 - redis0) / Math.max(1, r.requests) };
 }
 
 try {
@@ -102,6 +112,7 @@ try {
   }
 } finally {
   await Promise.all(servers.map((s) => s.stop()));
+  admin.disconnect();
 }
 
 // Ratios per round (side by side), then their median and range.
@@ -113,6 +124,8 @@ for (const path of paths) {
     const samples = results.get(at(c, path))!;
     const ratios = samples.map((s, k) => s.rps / bare[k]!.rps);
     const ratio = summarise(ratios);
+    const cpu = summarise(samples.map((s) => s.cpuPerReq));
+    const cpuRatio = summarise(samples.map((s, k) => s.cpuPerReq / bare[k]!.cpuPerReq));
     const reqs = samples.reduce((n, s) => n + s.requests, 0);
     const ops: Record<string, number> = {};
     for (const s of samples) for (const [op, n] of Object.entries(s.store)) ops[op] = (ops[op] ?? 0) + n;
@@ -129,6 +142,9 @@ for (const path of paths) {
       c.name,
       fmtRange(summarise(samples.map((s) => s.rps))),
       c === contestants[0] ? '1.00' : `${ratio.median.toFixed(2)} (${ratio.min.toFixed(2)}–${ratio.max.toFixed(2)})`,
+      `${cpu.median.toFixed(0)} (${cpu.min.toFixed(0)}–${cpu.max.toFixed(0)})`,
+      summarise(samples.map((s) => s.redisCpuPerReq)).median.toFixed(0),
+      c === contestants[0] ? '1.00' : `${cpuRatio.median.toFixed(2)} (${cpuRatio.min.toFixed(2)}–${cpuRatio.max.toFixed(2)})`,
       fmtRange(summarise(samples.map((s) => s.p50)), 1),
       fmtRange(summarise(samples.map((s) => s.p99)), 1),
       opsText,
@@ -137,11 +153,13 @@ for (const path of paths) {
     ]);
     if (c.aim) {
       const met = ratio.median >= c.aim[path];
-      aims.push(`- ${c.name}, ${path}: ${ratio.median.toFixed(2)} of bare Fastify (aim ≥ ${c.aim[path].toFixed(2)}): **${met ? 'met' : 'missed'}**`);
+      aims.push(
+        `- ${c.name}, ${path}: ${ratio.median.toFixed(2)} of bare Fastify's req/s (aim ≥ ${c.aim[path].toFixed(2)}): **${met ? 'met' : 'missed'}**; server CPU per request ${cpuRatio.median.toFixed(2)}× bare (throughput if the server's CPU were the only limit: ${(1 / cpuRatio.median).toFixed(2)})`,
+      );
     }
   }
 }
-const head = ['path', 'server', 'req/s median (range)', 'ratio to bare', 'p50 ms', 'p99 ms', 'store calls / request', 'executions / request', 'non-2xx + errors'];
+const head = ['path', 'server', 'req/s median (range)', 'ratio to bare', 'server CPU µs / request', 'Redis CPU µs / request', 'CPU ratio to bare', 'p50 ms', 'p99 ms', 'store calls / request', 'executions / request', 'non-2xx + errors'];
 const md = [
   '## oncely on Fastify: stores against bare Fastify',
   '',
@@ -149,6 +167,7 @@ const md = [
   'Miss: a new `Idempotency-Key` on every request. Replay: one key, primed before the rounds.',
   'Ratios are per round (contestants run back to back, order rotating), then median and range across rounds.',
   'Store calls are counted by a wrapper around the store inside each server.',
+  "Server CPU: user + system time of the server process (`process.cpuUsage()`) over the round, divided by the requests answered; a cost per request that other load on the machine changes far less than req/s. It leaves out the load generator. Redis CPU: `INFO cpu` deltas over the round per request; Redis is shared with other work, so treat it as approximate (a few µs of background for contestants that do not use Redis).",
   '',
   table(head, rows),
   '',

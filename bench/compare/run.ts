@@ -7,7 +7,7 @@
  *
  *   npm install --prefix bench/compare --no-audit --no-fund   (once)
  *   node --conditions=source --import tsx bench/compare/run.ts
- *   ROUNDS=3 DURATION=3 WARMUP=1 CONNECTIONS=50 ONLY=<id,id> (the defaults; ONLY picks contestants)
+ *   ROUNDS=3 DURATION=3 WARMUP=2 CONNECTIONS=50 ONLY=<id,id> (the defaults; ONLY picks contestants)
  *
  * Every server runs in its own child process; autocannon and the checks run
  * here; Redis (127.0.0.1:6379) is shared, so every key starts with
@@ -20,14 +20,14 @@ import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { Redis } from 'ioredis';
 import { DOC, readSection } from '../lib/doc.js';
-import { BODY, counts, fmtRange, load, type Path, type RunResult, send, summarise, table } from '../lib/load.js';
+import { BODY, counts, fmtRange, load, type Path, type RunResult, redisCpuUs, send, summarise, table } from '../lib/load.js';
 import { machine } from '../lib/machine.js';
 import { ROOT, type Server, startServer, stopAllOnExit } from '../lib/spawn.js';
 import { deleteKeys } from '../lib/stores.js';
 
 const ROUNDS = Number(process.env.ROUNDS ?? 3);
 const DURATION = Number(process.env.DURATION ?? 3);
-const WARMUP = Number(process.env.WARMUP ?? 1);
+const WARMUP = Number(process.env.WARMUP ?? 2);
 const CONNECTIONS = Number(process.env.CONNECTIONS ?? 50);
 const ONLY = process.env.ONLY?.split(',');
 const RUN = randomUUID().slice(0, 8);
@@ -234,21 +234,30 @@ async function roundTrips(c: Contestant, url: string): Promise<RoundTrips> {
 
 // ---------------------------------------------------------------- throughput
 
-const samples = new Map<string, RunResult[]>();
+interface Sample extends RunResult {
+  /** Server CPU time per request, µs. */
+  cpuPerReq: number;
+  /** Redis CPU time per request, µs (Redis is shared: approximate). */
+  redisCpuPerReq: number;
+}
+const cpuClient = new Redis({ host: '127.0.0.1', port: 6379, lazyConnect: true });
+await cpuClient.connect();
+const samples = new Map<string, Sample[]>();
 const at = (c: Contestant, p: Path) => `${c.id}|${p}`;
 
 async function throughput(group: Contestant[]): Promise<void> {
   const replayKey = (c: Contestant) => `${prefixOf(c)}-tp-replay`;
   for (const c of group) await send(servers.get(c.id)!.url, replayKey(c), BODY);
-  const run = (c: Contestant, path: Path, durationS: number, round: number) =>
-    load({
-      url: servers.get(c.id)!.url,
-      path,
-      durationS,
-      connections: CONNECTIONS,
-      replayKey: replayKey(c),
-      keyPrefix: `${prefixOf(c)}-tp-${round}-`,
-    });
+  const run = async (c: Contestant, path: Path, durationS: number, round: number): Promise<Sample> => {
+    const url = servers.get(c.id)!.url;
+    const before = await counts(url).catch(() => null);
+    const redis0 = await redisCpuUs(cpuClient);
+    const r = await load({ url, path, durationS, connections: CONNECTIONS, replayKey: replayKey(c), keyPrefix: `${prefixOf(c)}-tp-${round}-` });
+    const after = await counts(url).catch(() => null);
+    const redis1 = await redisCpuUs(cpuClient);
+    const cpuPerReq = before && after ? (after.cpuUs - before.cpuUs) / Math.max(1, r.requests) : Number.NaN;
+    return { ...r, cpuPerReq, redisCpuPerReq: (redis1 - redis0) / Math.max(1, r.requests) };
+  };
   for (const path of ['miss', 'replay'] as Path[]) for (const c of group) await run(c, path, WARMUP, -1);
   for (let round = 0; round < ROUNDS; round++) {
     for (const path of ['miss', 'replay'] as Path[]) {
@@ -312,6 +321,7 @@ try {
   await admin.connect();
   log(`deleted ${await deleteKeys(admin, `${NS}-*`)} Redis keys of run ${RUN}`);
   admin.disconnect();
+  cpuClient.disconnect();
 }
 
 // ---------------------------------------------------------------- report
@@ -329,6 +339,7 @@ const commit = execSync('git rev-parse --short HEAD', { cwd: ROOT, encoding: 'ut
 
 const tpRows: string[][] = [];
 const medianRps = new Map<string, number>();
+const medianCpu = new Map<string, number>();
 for (const framework of ['Fastify', 'Express'] as Framework[]) {
   const group = contestants.filter((c) => c.framework === framework && !c.correctnessOnly);
   const bare = group.find((c) => c.bare)!;
@@ -339,7 +350,10 @@ for (const framework of ['Fastify', 'Express'] as Framework[]) {
       if (list.length === 0) continue;
       const rps = summarise(list.map((s) => s.rps));
       medianRps.set(at(c, path), rps.median);
+      medianCpu.set(at(c, path), summarise(list.map((s) => s.cpuPerReq)).median);
       const ratio = summarise(list.map((s, i) => s.rps / (base[i]?.rps ?? Number.NaN)));
+      const cpu = summarise(list.map((s) => s.cpuPerReq));
+      const cpuRatio = summarise(list.map((s, i) => s.cpuPerReq / (base[i]?.cpuPerReq ?? Number.NaN)));
       const bad = list.reduce((n, s) => n + s.non2xx + s.errors + s.timeouts, 0);
       const total = list.reduce((n, s) => n + s.requests, 0);
       tpRows.push([
@@ -348,6 +362,9 @@ for (const framework of ['Fastify', 'Express'] as Framework[]) {
         c.name,
         fmtRange(rps),
         c.bare ? '1.00' : `${ratio.median.toFixed(2)} (${ratio.min.toFixed(2)}–${ratio.max.toFixed(2)})`,
+        `${cpu.median.toFixed(0)} (${cpu.min.toFixed(0)}–${cpu.max.toFixed(0)})`,
+        summarise(list.map((s) => s.redisCpuPerReq)).median.toFixed(0),
+        c.bare ? '1.00' : `${cpuRatio.median.toFixed(2)} (${cpuRatio.min.toFixed(2)}–${cpuRatio.max.toFixed(2)})`,
         fmtRange(summarise(list.map((s) => s.p50)), 0),
         fmtRange(summarise(list.map((s) => s.p99)), 0),
         bad === 0 ? '0' : `**${bad}** of ${total}`,
@@ -381,14 +398,17 @@ for (const path of ['miss', 'replay'] as Path[]) {
       const list = samples.get(at(c, path)) ?? [];
       if (list.length === 0) continue;
       const ratio = summarise(list.map((s, i) => s.rps / (base[i]?.rps ?? Number.NaN)));
-      headline.push(`- ${path}: oncely on ${framework} with ${c.store}: ${ratio.median.toFixed(2)}× bare ${framework} (rounds ${ratio.min.toFixed(2)}–${ratio.max.toFixed(2)})`);
+      const cpuRatio = summarise(list.map((s, i) => s.cpuPerReq / (base[i]?.cpuPerReq ?? Number.NaN)));
+      headline.push(
+        `- ${path}: oncely on ${framework} with ${c.store}: ${ratio.median.toFixed(2)}× the req/s of bare ${framework} (rounds ${ratio.min.toFixed(2)}–${ratio.max.toFixed(2)}); server CPU per request ${cpuRatio.median.toFixed(2)}× bare`,
+      );
     }
   }
   if (oncelyRedis && medianRps.has(at(oncelyRedis, path))) {
     const fastest = passingPeers.filter((p) => medianRps.has(at(p, path))).sort((a, b) => medianRps.get(at(b, path))! - medianRps.get(at(a, path))!)[0];
     if (fastest)
       headline.push(
-        `- ${path}: oncely on Fastify with Redis: ${(medianRps.get(at(oncelyRedis, path))! / medianRps.get(at(fastest, path))!).toFixed(2)}× the fastest peer that passes the concurrency row (${fastest.name} on ${fastest.framework}, ${medianRps.get(at(fastest, path))!.toFixed(0)} against ${medianRps.get(at(oncelyRedis, path))!.toFixed(0)} req/s, medians)`,
+        `- ${path}: oncely on Fastify with Redis: ${(medianRps.get(at(oncelyRedis, path))! / medianRps.get(at(fastest, path))!).toFixed(2)}× the req/s of the fastest peer that passes the concurrency row (${fastest.name} on ${fastest.framework}: ${medianRps.get(at(oncelyRedis, path))!.toFixed(0)} against ${medianRps.get(at(fastest, path))!.toFixed(0)} req/s, medians); server CPU per request ${medianCpu.get(at(oncelyRedis, path))!.toFixed(0)} against ${medianCpu.get(at(fastest, path))!.toFixed(0)} µs`,
       );
     else headline.push(`- ${path}: no peer passed the concurrency row, so there is no peer to compare oncely on Fastify with Redis against`);
   }
@@ -449,8 +469,9 @@ const doc = [
   'Miss: a new `Idempotency-Key` on every request. Replay: one key, primed before the rounds.',
   'Within a framework every round runs every contestant back to back (order rotating); the ratio is taken per round against the bare framework, then its median and range. Fastify and Express groups run one after the other.',
   'A contestant whose answers are not 2xx is not doing the work: see the last column.',
+  "Server CPU: user + system time of the server process (`process.cpuUsage()`) over the round divided by the requests answered: a cost per request that other load on the machine changes far less than req/s (it leaves out the load generator). Redis CPU: `INFO cpu` deltas per request; Redis is shared with other work, so it is approximate (a few µs of background show up for contestants that do not use Redis).",
   '',
-  table(['framework', 'path', 'contestant', 'req/s median (range)', 'ratio to bare', 'p50 ms', 'p99 ms', 'non-2xx / errors'], tpRows),
+  table(['framework', 'path', 'contestant', 'req/s median (range)', 'ratio to bare', 'server CPU µs / request', 'Redis CPU µs / request', 'CPU ratio to bare', 'p50 ms', 'p99 ms', 'non-2xx / errors'], tpRows),
   '',
   '## Store round trips per request',
   '',

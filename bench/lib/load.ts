@@ -118,8 +118,23 @@ export function table(head: string[], rows: string[][]): string {
 }
 
 /** GET `/__count` of a server (executions and store calls). */
-export async function counts(url: string, keys?: string[]): Promise<{ total: number; keys: Record<string, number>; store?: Record<string, number> }> {
+export interface Counts {
+  total: number;
+  keys: Record<string, number>;
+  /** CPU time the server process has used so far, µs. */
+  cpuUs: number;
+  store?: Record<string, number>;
+}
+
+export async function counts(url: string, keys?: string[]): Promise<Counts> {
   const q = keys && keys.length > 0 ? `?keys=${encodeURIComponent(keys.join(','))}` : '';
   const res = await fetch(`${url}/__count${q}`);
-  return (await res.json()) as { total: number; keys: Record<string, number>; store?: Record<string, number> };
+  return (await res.json()) as Counts;
+}
+
+/** CPU time the Redis server has used so far (user + system), µs, from `INFO cpu`. */
+export async function redisCpuUs(client: { info(section: string): Promise<string> }): Promise<number> {
+  const info = await client.info('cpu');
+  const field = (name: string) => Number(new RegExp(`${name}:([\\d.]+)`).exec(info)?.[1] ?? Number.NaN);
+  return (field('used_cpu_user') + field('used_cpu_sys')) * 1e6;
 }

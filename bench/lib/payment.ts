@@ -41,14 +41,19 @@ export async function pay(route: string, key: string | undefined, body: unknown)
   return { status: 201, body: { id: `pay_${process.pid}_${total}`, amount: payment.amount, currency: payment.currency } };
 }
 
-/** Answer of `GET /__count`: total executions, those of the keys asked for, and any extra counters. */
+/**
+ * Answer of `GET /__count`: total executions, those of the keys asked for,
+ * the CPU time this process has used (µs, user + system: a cost per request
+ * that other load on the machine barely changes), and any extra counters.
+ */
 export function countReport(query: string | undefined, extra: Record<string, unknown> = {}): Record<string, unknown> {
   const keys: Record<string, number> = {};
   if (query) {
     const asked = new URLSearchParams(query).get('keys');
     if (asked) for (const k of asked.split(',')) keys[k] = perKey.get(k) ?? 0;
   }
-  return { total, keys, ...extra };
+  const cpu = process.cpuUsage();
+  return { total, keys, cpuUs: cpu.user + cpu.system, ...extra };
 }
 
 /** Print the port in the line the harness waits for. */
