@@ -27,7 +27,14 @@ import { IdempotentConsumer, shouldAcknowledge } from 'oncely/consumer';
 import { type SqliteInbox, sqliteInbox } from 'oncely/consumer/inbox';
 import { memoryStore } from 'oncely/stores/memory';
 
-/** A payment event, as published (JSON) and as recorded in the outbox. */
+/**
+ * A payment event, as published (JSON) and as recorded in the outbox.
+ *
+ * @example
+ * ```ts
+ * const event: PaymentEvent = { id: 'evt_pay_1', type: 'payment.succeeded', account: 'acct_1', payment: 'pay_1', amount: 500, currency: 'EUR' };
+ * ```
+ */
 export interface PaymentEvent {
   id: string;
   type: 'payment.succeeded';
@@ -37,7 +44,15 @@ export interface PaymentEvent {
   currency: string;
 }
 
-/** The ledger of the reference system. */
+/**
+ * The ledger of the reference system.
+ *
+ * @example
+ * ```ts
+ * const ledger: Ledger = createLedger({ db });
+ * await ledger.start();
+ * ```
+ */
 export interface Ledger {
   /** Called synchronously INSIDE the payment's better-sqlite3 transaction: writes the event to the outbox table. */
   recordInOutbox(event: PaymentEvent): void;
@@ -52,7 +67,14 @@ export interface Ledger {
   };
 }
 
-/** Options of {@link createLedger}. */
+/**
+ * Options of {@link createLedger}.
+ *
+ * @example
+ * ```ts
+ * const options: LedgerOptions = { db, brokerUrl: 'redis://127.0.0.1:6379', name: 'ledger' };
+ * ```
+ */
 export interface LedgerOptions {
   /** The business database: the outbox, the inbox and the entries live there. */
   db: Database.Database;
@@ -68,9 +90,23 @@ export interface LedgerOptions {
   relayIntervalMs?: number;
 }
 
-/** Default AMQP queue, NATS subject and Redis stream of payment events. */
+/**
+ * Default AMQP queue, NATS subject and Redis stream of payment events.
+ *
+ * @example
+ * ```ts
+ * await redis.xadd(PAYMENT_EVENTS, '*', 'id', event.id, 'event', JSON.stringify(event));
+ * ```
+ */
 export const PAYMENT_EVENTS = 'payments.events';
-/** Default JetStream stream of payment events. */
+/**
+ * Default JetStream stream of payment events.
+ *
+ * @example
+ * ```ts
+ * await jsm.streams.info(PAYMENTS_STREAM);
+ * ```
+ */
 export const PAYMENTS_STREAM = 'PAYMENTS';
 
 const SCHEMA = `

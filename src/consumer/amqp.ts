@@ -30,7 +30,14 @@
  */
 import { type ConsumerOptions, headerValue, IdempotentConsumer, readMessageId, shouldAcknowledge } from './core.js';
 
-/** The part of an amqplib `ConsumeMessage` the adapter reads. */
+/**
+ * The part of an amqplib `ConsumeMessage` the adapter reads.
+ *
+ * @example
+ * ```ts
+ * const id = (msg satisfies AmqpMessageLike).properties.messageId;
+ * ```
+ */
 export interface AmqpMessageLike {
   content: Uint8Array;
   fields: { deliveryTag: number; redelivered: boolean; exchange?: string; routingKey?: string };
@@ -57,7 +64,14 @@ export interface AmqpChannelLike {
   prefetch(count: number): Promise<unknown>;
 }
 
-/** Options of {@link consumeAmqp}. */
+/**
+ * Options of {@link consumeAmqp}.
+ *
+ * @example
+ * ```ts
+ * const options: AmqpConsumerOptions = { channel, queue: 'orders', store, deadLetter: true, handler };
+ * ```
+ */
 export interface AmqpConsumerOptions extends Omit<ConsumerOptions<AmqpMessageLike>, 'name'> {
   /** The channel to consume on (acks go back on it). */
   channel: AmqpChannelLike;
@@ -82,7 +96,15 @@ export interface AmqpConsumerOptions extends Omit<ConsumerOptions<AmqpMessageLik
   retryDelayMs?: number;
 }
 
-/** A running AMQP consumer. */
+/**
+ * A running AMQP consumer.
+ *
+ * @example
+ * ```ts
+ * const running: AmqpConsumer = await consumeAmqp(options);
+ * process.on('SIGTERM', () => void running.stop());
+ * ```
+ */
 export interface AmqpConsumer {
   /** The idempotent core (events, record ids). */
   readonly consumer: IdempotentConsumer<AmqpMessageLike>;

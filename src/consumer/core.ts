@@ -3,7 +3,14 @@ import { recordId } from '../engine/fingerprint.js';
 import type { ClaimInput, ClaimResult, IdempotencyStore } from '../engine/store.js';
 import { ConfigError, InFlightError, StoreUnavailableError } from '../errors/index.js';
 
-/** What a consumer handler receives for one message. */
+/**
+ * What a consumer handler receives for one message.
+ *
+ * @example
+ * ```ts
+ * const handler = async ({ message, id, signal, takeover }: ConsumerContext<Order>) => ship(message, { signal });
+ * ```
+ */
 export interface ConsumerContext<M> {
   /** The broker's message, untouched. */
   message: M;
@@ -17,7 +24,14 @@ export interface ConsumerContext<M> {
   takeover: boolean;
 }
 
-/** The user's message handler. Throwing means failure: the claim is released and the broker's retry or dead-letter path applies. */
+/**
+ * The user's message handler. Throwing means failure: the claim is released and the broker's retry or dead-letter path applies.
+ *
+ * @example
+ * ```ts
+ * const handler: ConsumerHandler<Order> = async ({ message }) => { await ship(message); };
+ * ```
+ */
 export type ConsumerHandler<M> = (context: ConsumerContext<M>) => unknown;
 
 /**
@@ -29,6 +43,11 @@ export type ConsumerHandler<M> = (context: ConsumerContext<M>) => unknown;
  * - `store_error`: the store is down or too slow: not run (or not recorded); do not acknowledge.
  * - `fenced`: the handler ran but the lease was lost meanwhile, so its completion was not stored: do not acknowledge.
  * - `skipped`: batch mode only: not run because an earlier message of the batch broke the run (ordered brokers).
+ *
+ * @example
+ * ```ts
+ * if (verdict.action === 'in_flight') msg.nak(1_000);
+ * ```
  */
 export type ConsumerAction = 'processed' | 'duplicate' | 'in_flight' | 'failed' | 'store_error' | 'fenced' | 'skipped';
 
@@ -69,7 +88,14 @@ export function shouldAcknowledge(verdict: ConsumerVerdict): boolean {
   return verdict.action === 'processed' || verdict.action === 'duplicate';
 }
 
-/** Events of a consumer, by name, with what they carry. */
+/**
+ * Events of a consumer, by name, with what they carry.
+ *
+ * @example
+ * ```ts
+ * consumer.on('inFlight', (e: ConsumerEvents['inFlight']) => log.info('held elsewhere until', e.leaseUntil));
+ * ```
+ */
 export interface ConsumerEvents {
   /** The handler ran and its completion was stored. */
   processed: { id: string; recordId: string; takeover: boolean; ms: number };
@@ -91,13 +117,34 @@ export interface ConsumerEvents {
   brokerError: { id: string | undefined; operation: string; error: unknown };
 }
 
-/** Names of the consumer events. */
+/**
+ * Names of the consumer events.
+ *
+ * @example
+ * ```ts
+ * const names: ConsumerEventName[] = ['processed', 'duplicate'];
+ * ```
+ */
 export type ConsumerEventName = keyof ConsumerEvents;
 
-/** Listeners given up front, one optional function per event. */
+/**
+ * Listeners given up front, one optional function per event.
+ *
+ * @example
+ * ```ts
+ * const hooks: ConsumerHooks = { duplicate: ({ id }) => metrics.increment('consumer.duplicate', { id }) };
+ * ```
+ */
 export type ConsumerHooks = { [E in ConsumerEventName]?: (event: ConsumerEvents[E]) => void };
 
-/** Options shared by the consumer core and every adapter. */
+/**
+ * Options shared by the consumer core and every adapter.
+ *
+ * @example
+ * ```ts
+ * const options: ConsumerOptions<Order> = { name: 'ship-orders', store, leaseMs: 10_000, handler: async ({ message }) => ship(message) };
+ * ```
+ */
 export interface ConsumerOptions<M> {
   /** The consumer's name: records are keyed by (name, message id), so two consumers of one message each handle it once. */
   name: string;
@@ -126,20 +173,41 @@ export interface ConsumerOptions<M> {
   hooks?: ConsumerHooks;
 }
 
-/** One message of a batch. */
+/**
+ * One message of a batch.
+ *
+ * @example
+ * ```ts
+ * const items: BatchItem<Entry>[] = entries.map((e) => ({ message: e, id: e.fields.id }));
+ * ```
+ */
 export interface BatchItem<M> {
   message: M;
   /** Its message id. */
   id: string;
 }
 
-/** Per-call options of {@link IdempotentConsumer.handle}. */
+/**
+ * Per-call options of {@link IdempotentConsumer.handle}.
+ *
+ * @example
+ * ```ts
+ * await consumer.handle(msg, id, { working: () => msg.working() });
+ * ```
+ */
 export interface HandleOptions {
   /** The broker's "still working" signal (JetStream `working()`, a Kafka heartbeat…), called periodically while the handler runs. */
   working?: () => unknown;
 }
 
-/** Per-call options of {@link IdempotentConsumer.handleBatch}. */
+/**
+ * Per-call options of {@link IdempotentConsumer.handleBatch}.
+ *
+ * @example
+ * ```ts
+ * await consumer.handleBatch(items, { stopAtFirstBreak: true, working: () => heartbeat() });
+ * ```
+ */
 export interface BatchOptions extends HandleOptions {
   /**
    * Stop at the first message that is not handled (in flight, failed, store
@@ -520,7 +588,14 @@ export function readMessageId(
   return undefined;
 }
 
-/** Sleep that does not keep the process alive. @internal */
+/**
+ * Sleep that does not keep the process alive. @internal
+ *
+ * @example
+ * ```ts
+ * await pause(100);
+ * ```
+ */
 export function pause(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms).unref());
 }

@@ -29,7 +29,15 @@
  */
 import { ConfigError } from '../errors/index.js';
 
-/** The answer of an inbox: the handler ran and committed, or the id was already processed. */
+/**
+ * The answer of an inbox: the handler ran and committed, or the id was already processed.
+ *
+ * @example
+ * ```ts
+ * const result: InboxResult<void> = await inbox.handle(id, apply);
+ * if (result.status === 'duplicate') console.log('already applied');
+ * ```
+ */
 export type InboxResult<T> = { status: 'processed'; result: T } | { status: 'duplicate' };
 
 const IDENTIFIER = /^[A-Za-z_][A-Za-z0-9_]{0,62}$/;
@@ -47,7 +55,14 @@ function checkArgs(consumer: string, messageId: string): void {
 
 // ─── Postgres ────────────────────────────────────────────────────────────────
 
-/** The part of a `pg` client (from `pool.connect()`) the inbox uses. */
+/**
+ * The part of a `pg` client (from `pool.connect()`) the inbox uses.
+ *
+ * @example
+ * ```ts
+ * await inbox.handle(id, (client: PgInboxClient) => client.query('INSERT INTO entries (id) VALUES ($1)', [id]));
+ * ```
+ */
 export interface PgInboxClient {
   query(text: string, values?: unknown[]): Promise<{ rowCount: number | null }>;
   release(error?: Error | boolean): void;
@@ -66,7 +81,14 @@ export interface PgInboxPool {
   connect(): Promise<PgInboxClient>;
 }
 
-/** Options of {@link postgresInbox}. */
+/**
+ * Options of {@link postgresInbox}.
+ *
+ * @example
+ * ```ts
+ * const options: PostgresInboxOptions = { pool, consumer: 'ledger', table: 'ledger_inbox' };
+ * ```
+ */
 export interface PostgresInboxOptions {
   /** The user's `pg` Pool; never closed by the inbox. */
   pool: PgInboxPool;
@@ -76,7 +98,15 @@ export interface PostgresInboxOptions {
   table?: string;
 }
 
-/** A Postgres transactional inbox. */
+/**
+ * A Postgres transactional inbox.
+ *
+ * @example
+ * ```ts
+ * const inbox: PostgresInbox = postgresInbox({ pool, consumer: 'ledger' });
+ * await inbox.migrate();
+ * ```
+ */
 export interface PostgresInbox {
   /** The table it uses. */
   readonly table: string;
@@ -182,7 +212,15 @@ export function postgresInbox(options: PostgresInboxOptions): PostgresInbox {
 
 // ─── SQLite ──────────────────────────────────────────────────────────────────
 
-/** A better-sqlite3 transaction function (only what the inbox calls). */
+/**
+ * A better-sqlite3 transaction function (only what the inbox calls).
+ *
+ * @example
+ * ```ts
+ * const run: SqliteInboxTransaction<number> = db.transaction(() => 1);
+ * run.immediate();
+ * ```
+ */
 export interface SqliteInboxTransaction<T> {
   (): T;
   immediate(): T;
@@ -203,7 +241,14 @@ export interface SqliteInboxDatabase {
   transaction<F extends (...args: never[]) => unknown>(fn: F): SqliteInboxTransaction<ReturnType<F>>;
 }
 
-/** Options of {@link sqliteInbox}. */
+/**
+ * Options of {@link sqliteInbox}.
+ *
+ * @example
+ * ```ts
+ * const options: SqliteInboxOptions = { database: db, consumer: 'ledger' };
+ * ```
+ */
 export interface SqliteInboxOptions<D extends SqliteInboxDatabase = SqliteInboxDatabase> {
   /** The user's better-sqlite3 `Database`; never closed by the inbox. */
   database: D;
@@ -215,7 +260,15 @@ export interface SqliteInboxOptions<D extends SqliteInboxDatabase = SqliteInboxD
   migrate?: boolean;
 }
 
-/** A SQLite transactional inbox. */
+/**
+ * A SQLite transactional inbox.
+ *
+ * @example
+ * ```ts
+ * const inbox: SqliteInbox = sqliteInbox({ database: db, consumer: 'ledger' });
+ * inbox.handle(id, (db) => db.prepare('INSERT INTO entries (id) VALUES (?)').run(id));
+ * ```
+ */
 export interface SqliteInbox<D extends SqliteInboxDatabase = SqliteInboxDatabase> {
   /** The table it uses. */
   readonly table: string;

@@ -47,7 +47,14 @@ import {
   shouldAcknowledge,
 } from './core.js';
 
-/** The part of a KafkaJS `KafkaMessage` the adapter reads. */
+/**
+ * The part of a KafkaJS `KafkaMessage` the adapter reads.
+ *
+ * @example
+ * ```ts
+ * const offset = (message satisfies KafkaMessageLike).offset;
+ * ```
+ */
 export interface KafkaMessageLike {
   offset: string;
   key?: Uint8Array | string | null;
@@ -56,14 +63,28 @@ export interface KafkaMessageLike {
   timestamp?: string;
 }
 
-/** What the handler receives as `message`: the record with its topic and partition. */
+/**
+ * What the handler receives as `message`: the record with its topic and partition.
+ *
+ * @example
+ * ```ts
+ * const handler = ({ message }: { message: KafkaRecord }) => bill(message.topic, message.message.value);
+ * ```
+ */
 export interface KafkaRecord<K extends KafkaMessageLike = KafkaMessageLike> {
   topic: string;
   partition: number;
   message: K;
 }
 
-/** The KafkaJS `eachMessage` payload (the parts used). */
+/**
+ * The KafkaJS `eachMessage` payload (the parts used).
+ *
+ * @example
+ * ```ts
+ * const eachMessage = (payload: EachMessagePayloadLike) => handle(payload);
+ * ```
+ */
 export interface EachMessagePayloadLike<K extends KafkaMessageLike = KafkaMessageLike> {
   topic: string;
   partition: number;
@@ -72,7 +93,14 @@ export interface EachMessagePayloadLike<K extends KafkaMessageLike = KafkaMessag
   pause(): () => void;
 }
 
-/** The KafkaJS `eachBatch` payload (the parts used). */
+/**
+ * The KafkaJS `eachBatch` payload (the parts used).
+ *
+ * @example
+ * ```ts
+ * const eachBatch = (payload: EachBatchPayloadLike) => handleBatch(payload);
+ * ```
+ */
 export interface EachBatchPayloadLike<K extends KafkaMessageLike = KafkaMessageLike> {
   batch: { topic: string; partition: number; messages: K[] };
   resolveOffset(offset: string): void;
@@ -83,7 +111,14 @@ export interface EachBatchPayloadLike<K extends KafkaMessageLike = KafkaMessageL
   pause?(): () => void;
 }
 
-/** Options of {@link kafkaEachMessage} and {@link kafkaEachBatch}. */
+/**
+ * Options of {@link kafkaEachMessage} and {@link kafkaEachBatch}.
+ *
+ * @example
+ * ```ts
+ * const options: KafkaConsumerOptions = { name: 'billing', store, header: 'event-id', handler };
+ * ```
+ */
 export interface KafkaConsumerOptions<K extends KafkaMessageLike = KafkaMessageLike> extends ConsumerOptions<KafkaRecord<K>> {
   /** A header carrying the message id (instead of topic/partition/offset). */
   header?: string;
@@ -123,7 +158,15 @@ const pauseFor = (pause: (() => () => void) | undefined, ms: number): boolean =>
 const errorOf = (verdict: ConsumerVerdict): unknown =>
   verdict.error ?? new Error(`oncely: message ${verdict.id} was not handled (${verdict.action}); it will be fetched again.`);
 
-/** A KafkaJS `eachMessage` handler made by {@link kafkaEachMessage}, with its core. */
+/**
+ * A KafkaJS `eachMessage` handler made by {@link kafkaEachMessage}, with its core.
+ *
+ * @example
+ * ```ts
+ * const eachMessage: KafkaEachMessage = kafkaEachMessage(options);
+ * eachMessage.consumer.on('inFlight', () => metrics.increment('held'));
+ * ```
+ */
 export interface KafkaEachMessage<K extends KafkaMessageLike = KafkaMessageLike> {
   (payload: EachMessagePayloadLike<K>): Promise<void>;
   /** The idempotent core (events, record ids). */
@@ -153,7 +196,15 @@ export function kafkaEachMessage<K extends KafkaMessageLike = KafkaMessageLike>(
   return Object.assign(eachMessage, { consumer });
 }
 
-/** A KafkaJS `eachBatch` handler made by {@link kafkaEachBatch}, with its core. */
+/**
+ * A KafkaJS `eachBatch` handler made by {@link kafkaEachBatch}, with its core.
+ *
+ * @example
+ * ```ts
+ * const eachBatch: KafkaEachBatch = kafkaEachBatch(options);
+ * await consumer.run({ eachBatchAutoResolve: false, eachBatch });
+ * ```
+ */
 export interface KafkaEachBatch<K extends KafkaMessageLike = KafkaMessageLike> {
   (payload: EachBatchPayloadLike<K>): Promise<void>;
   /** The idempotent core (events, record ids). */

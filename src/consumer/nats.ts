@@ -37,7 +37,14 @@ import {
   shouldAcknowledge,
 } from './core.js';
 
-/** The part of a JetStream `JsMsg` the adapter uses. */
+/**
+ * The part of a JetStream `JsMsg` the adapter uses.
+ *
+ * @example
+ * ```ts
+ * const seq = (msg satisfies JsMsgLike).info.streamSequence;
+ * ```
+ */
 export interface JsMsgLike {
   readonly seq: number;
   readonly subject: string;
@@ -49,7 +56,14 @@ export interface JsMsgLike {
   working(): void;
 }
 
-/** Options of {@link natsHandler}. */
+/**
+ * Options of {@link natsHandler}.
+ *
+ * @example
+ * ```ts
+ * const options: NatsHandlerOptions = { name: 'ship-orders', store, header: 'Event-Id', retryDelayMs: 2_000, handler };
+ * ```
+ */
 export interface NatsHandlerOptions<M extends JsMsgLike = JsMsgLike> extends ConsumerOptions<M> {
   /** The header carrying the message id. Default `Nats-Msg-Id`; absent → `<stream>:<sequence>`. */
   header?: string;
@@ -74,7 +88,15 @@ export function natsMessageId(message: JsMsgLike, header = 'Nats-Msg-Id'): strin
   return headerValue(message.headers, header) ?? `${message.info.stream}:${message.info.streamSequence}`;
 }
 
-/** A JetStream message handler made by {@link natsHandler}, with its core. */
+/**
+ * A JetStream message handler made by {@link natsHandler}, with its core.
+ *
+ * @example
+ * ```ts
+ * const handle: NatsHandler = natsHandler(options);
+ * handle.consumer.on('duplicate', ({ id }) => console.log('again:', id));
+ * ```
+ */
 export interface NatsHandler<M extends JsMsgLike = JsMsgLike> {
   (message: M): Promise<ConsumerVerdict | undefined>;
   /** The idempotent core (events, record ids). */
@@ -117,13 +139,27 @@ export function natsHandler<M extends JsMsgLike = JsMsgLike>(options: NatsHandle
   return Object.assign(handle, { consumer });
 }
 
-/** An async iterable of messages, as `consumer.consume()` returns; `stop`/`close` end it. */
+/**
+ * An async iterable of messages, as `consumer.consume()` returns; `stop`/`close` end it.
+ *
+ * @example
+ * ```ts
+ * const messages: JsMessagesLike = await (await js.consumers.get('ORDERS', 'shipper')).consume();
+ * ```
+ */
 export interface JsMessagesLike<M extends JsMsgLike = JsMsgLike> extends AsyncIterable<M> {
   stop?(error?: Error): void;
   close?(): Promise<unknown>;
 }
 
-/** Options of {@link consumeNats}. */
+/**
+ * Options of {@link consumeNats}.
+ *
+ * @example
+ * ```ts
+ * const options: NatsConsumerOptions = { messages, name: 'ship-orders', store, concurrency: 4, handler };
+ * ```
+ */
 export interface NatsConsumerOptions<M extends JsMsgLike = JsMsgLike> extends NatsHandlerOptions<M> {
   /** The messages, from `(await js.consumers.get(stream, durable)).consume()`. */
   messages: JsMessagesLike<M>;
@@ -131,7 +167,15 @@ export interface NatsConsumerOptions<M extends JsMsgLike = JsMsgLike> extends Na
   concurrency?: number;
 }
 
-/** A running JetStream consumer. */
+/**
+ * A running JetStream consumer.
+ *
+ * @example
+ * ```ts
+ * const running: NatsConsumer = consumeNats(options);
+ * await running.stop();
+ * ```
+ */
 export interface NatsConsumer<M extends JsMsgLike = JsMsgLike> {
   /** The idempotent core (events, record ids). */
   readonly consumer: IdempotentConsumer<M>;

@@ -35,12 +35,28 @@ import { hostname } from 'node:os';
 import { randomBytes } from 'node:crypto';
 import { type ConsumerOptions, IdempotentConsumer, pause, readMessageId, shouldAcknowledge } from './core.js';
 
-/** An ioredis client (`call` sends any command). */
+/**
+ * An ioredis client (`call` sends any command).
+ *
+ * @example
+ * ```ts
+ * import Redis from 'ioredis';
+ * const client: IoredisCommandLike = new Redis();
+ * ```
+ */
 export interface IoredisCommandLike {
   call(command: string, ...args: Array<string | number>): Promise<unknown>;
 }
 
-/** A node-redis v4/v5 client (`sendCommand` sends any command). */
+/**
+ * A node-redis v4/v5 client (`sendCommand` sends any command).
+ *
+ * @example
+ * ```ts
+ * import { createClient } from 'redis';
+ * const client: NodeRedisCommandLike = await createClient().connect();
+ * ```
+ */
 export interface NodeRedisCommandLike {
   sendCommand(args: string[]): Promise<unknown>;
 }
@@ -56,7 +72,14 @@ export interface NodeRedisCommandLike {
  */
 export type RedisCommandClient = IoredisCommandLike | NodeRedisCommandLike;
 
-/** One stream entry as the handler receives it. */
+/**
+ * One stream entry as the handler receives it.
+ *
+ * @example
+ * ```ts
+ * const handler = ({ message }: { message: RedisStreamEntry }) => ship(JSON.parse(message.fields.body ?? '{}'));
+ * ```
+ */
 export interface RedisStreamEntry {
   /** The stream key. */
   stream: string;
@@ -66,7 +89,14 @@ export interface RedisStreamEntry {
   fields: Record<string, string>;
 }
 
-/** Options of {@link consumeRedisStream}. */
+/**
+ * Options of {@link consumeRedisStream}.
+ *
+ * @example
+ * ```ts
+ * const options: RedisStreamConsumerOptions = { client, stream: 'orders', group: 'shipping', field: 'id', store, handler };
+ * ```
+ */
 export interface RedisStreamConsumerOptions extends Omit<ConsumerOptions<RedisStreamEntry>, 'name'> {
   /** A connected ioredis or node-redis client, used only by this consumer (never closed by it). */
   client: RedisCommandClient;
@@ -94,7 +124,15 @@ export interface RedisStreamConsumerOptions extends Omit<ConsumerOptions<RedisSt
   startId?: string;
 }
 
-/** A running Redis Streams consumer. */
+/**
+ * A running Redis Streams consumer.
+ *
+ * @example
+ * ```ts
+ * const running: RedisStreamConsumer = await consumeRedisStream(options);
+ * await running.stop();
+ * ```
+ */
 export interface RedisStreamConsumer {
   /** The idempotent core (events, record ids). */
   readonly consumer: IdempotentConsumer<RedisStreamEntry>;
@@ -109,6 +147,11 @@ export interface RedisStreamConsumer {
 /**
  * Send one command with either client.
  * @internal
+ *
+ * @example
+ * ```ts
+ * await redisCommand(client, ['XACK', 'orders', 'shipping', '1700000000000-0']);
+ * ```
  */
 export function redisCommand(client: RedisCommandClient, args: string[]): Promise<unknown> {
   if (typeof (client as IoredisCommandLike).call === 'function') {

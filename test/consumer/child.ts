@@ -19,8 +19,8 @@ const store = sqliteStore({ database: new Database(config.dbPath) });
 const redis = new Redis({ host: '127.0.0.1', port: 6379 });
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-const handler = async ({ id }: { id: string }) => {
-  console.log(`started ${id}`);
+const handler = async ({ id, takeover }: { id: string; takeover: boolean }) => {
+  console.log(`started ${id}${takeover ? ' takeover' : ''}`);
   if (id === config.slowId) await sleep(config.slowMs ?? 60_000);
   if (config.workMs) await sleep(config.workMs);
   await redis.hincrby(config.effectsKey, id, 1);

@@ -192,12 +192,20 @@ describe('redis streams consumer (real Redis)', () => {
     const first = spawnConsumer({ ...base, slowId: 'k', slowMs: 60_000 });
     children.push(first);
     await first.waitForLine(/^ready$/);
-    for (const id of ['a', 'k', 'b']) await publish(stream, id);
+    // 'a' is handled and acknowledged before the crash; the kill lands inside k's handler, before its effect.
+    // (A kill between another handler's effect and its completion would repeat that effect: at least once.)
+    await publish(stream, 'a');
+    await first.waitForLine(/^done a$/);
+    await sleep(300);
+    await publish(stream, 'k');
     await first.waitForLine(/^started k$/);
     await first.kill('SIGKILL');
     const second = spawnConsumer(base);
     children.push(second);
+    await publish(stream, 'b');
     await waitFor(async () => (await redis.hget(effectsKey, 'k')) === '1', 20_000, 'the effect of k');
+    // The restarted consumer ran k by taking over the dead one's lease.
+    await second.waitForLine(/^started k takeover$/, 1_000);
     await waitFor(async () => (await pending(stream)) === 0, 10_000, 'nothing pending');
     expect(await redis.hgetall(effectsKey)).toEqual({ a: '1', k: '1', b: '1' });
     await second.kill();
