@@ -1,0 +1,279 @@
+/**
+ * `oncely inspect` and `oncely purge`: open a store from a URL with the
+ * user's own driver (loaded lazily, never a dependency of oncely), read the
+ * record of one key, or delete expired records.
+ *
+ * @example
+ * ```ts
+ * import { inspectKey, openStoreUrl } from './inspect.js';
+ * const opened = await openStoreUrl('sqlite:./data/oncely.db');
+ * try {
+ *   console.log(await inspectKey(opened.store, { key: 'pay-0001', scope: 'acct_1' }));
+ * } finally {
+ *   await opened.close();
+ * }
+ * ```
+ * @module
+ */
+
+import { createRequire } from 'node:module';
+import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { recordId } from '../engine/fingerprint.js';
+import type { IdempotencyStore, StoredRecord } from '../engine/store.js';
+import { decodeOutcome } from '../http/outcome.js';
+
+/** A store opened from a URL, and how to close it with its client. */
+export interface OpenedStore {
+  store: IdempotencyStore;
+  /** `sqlite`, `redis`, `postgres` or `mysql`. */
+  kind: string;
+  close(): Promise<void>;
+}
+
+/** Options of {@link openStoreUrl}. */
+export interface OpenStoreOptions {
+  /** SQL table name [`oncely_records`]. */
+  table?: string;
+  /** Redis key prefix [the store's default]. */
+  prefix?: string;
+}
+
+/** A driver the user must install is missing; the message says which and how. */
+export class MissingDriverError extends Error {}
+
+/**
+ * Loads a driver from the user's project (the current directory) first, then
+ * from wherever oncely is installed. The specifier is a plain string, so
+ * TypeScript does not need the driver's types either.
+ */
+async function loadDriver(name: string, forUrl: string): Promise<Record<string, unknown>> {
+  try {
+    const resolved = createRequire(join(process.cwd(), 'noop.js')).resolve(name);
+    return (await import(pathToFileURL(resolved).href)) as Record<string, unknown>;
+  } catch {
+    // not resolvable from the current directory: try oncely's own resolution
+  }
+  try {
+    return (await import(name)) as Record<string, unknown>;
+  } catch {
+    throw new MissingDriverError(
+      `${forUrl} needs the ${name} package, which oncely does not install: run \`npm install ${name}\` in your project.`,
+    );
+  }
+}
+
+/** `default` of a CommonJS module imported from ESM, else the module itself. */
+function cjs(module: Record<string, unknown>): Record<string, unknown> {
+  return (module.default as Record<string, unknown> | undefined) ?? module;
+}
+
+/**
+ * Opens `sqlite:<path>`, `redis://…` / `rediss://…`, `postgres://…` /
+ * `postgresql://…` or `mysql://…` / `mariadb://…`. Nothing is created:
+ * SQL tables must exist (a missing table is an error from the database).
+ *
+ * @throws Error for an unknown scheme, a missing driver, or an unreachable store.
+ */
+export async function openStoreUrl(url: string, options: OpenStoreOptions = {}): Promise<OpenedStore> {
+  const table = options.table;
+  if (url.startsWith('sqlite:')) {
+    let path = url.slice('sqlite:'.length);
+    if (path.startsWith('//')) path = path.slice(2);
+    if (path === '') throw new Error('sqlite: needs a file path, e.g. sqlite:./data/oncely.db');
+    const Database = cjs(await loadDriver('better-sqlite3', 'sqlite:')) as unknown as new (
+      path: string,
+      options: { fileMustExist: boolean },
+    ) => { close(): void };
+    const { sqliteStore } = await import('../stores/sqlite.js');
+    // fileMustExist: a mistyped path must not create an empty database and report "no record".
+    const database = new Database(path, { fileMustExist: true });
+    const store = sqliteStore({
+      database: database as never,
+      ...(table ? { table } : {}),
+      migrate: false,
+      purgeIntervalMs: 0,
+    });
+    return {
+      store,
+      kind: 'sqlite',
+      async close() {
+        await store.close();
+        database.close();
+      },
+    };
+  }
+  if (url.startsWith('redis://') || url.startsWith('rediss://')) {
+    const ioredis = await loadDriver('ioredis', 'redis://');
+    const Redis = (ioredis.Redis ?? cjs(ioredis)) as new (
+      url: string,
+      options: object,
+    ) => { connect(): Promise<void>; quit(): Promise<unknown>; disconnect(): void; on(e: string, f: () => void): void };
+    const client = new Redis(url, { lazyConnect: true, enableOfflineQueue: false, maxRetriesPerRequest: 1, connectTimeout: 3_000, retryStrategy: () => null });
+    client.on('error', () => {}); // reported by connect() below
+    await client.connect();
+    const { redisStore } = await import('../stores/redis.js');
+    const store = redisStore({ client: client as never, ...(options.prefix ? { prefix: options.prefix } : {}) });
+    return {
+      store,
+      kind: 'redis',
+      async close() {
+        await store.close();
+        await client.quit().catch(() => client.disconnect());
+      },
+    };
+  }
+  if (url.startsWith('postgres://') || url.startsWith('postgresql://')) {
+    const pg = cjs(await loadDriver('pg', 'postgres://'));
+    const Pool = pg.Pool as new (config: object) => { end(): Promise<void>; on(e: string, f: () => void): void };
+    const pool = new Pool({ connectionString: url, connectionTimeoutMillis: 3_000, max: 2 });
+    pool.on('error', () => {});
+    const { postgresStore } = await import('../stores/postgres.js');
+    const store = postgresStore({ pool: pool as never, ...(table ? { table } : {}) });
+    return {
+      store,
+      kind: 'postgres',
+      async close() {
+        await store.close();
+        await pool.end();
+      },
+    };
+  }
+  if (url.startsWith('mysql://') || url.startsWith('mariadb://')) {
+    const mysql = cjs(await loadDriver('mysql2/promise', 'mysql://'));
+    const u = new URL(url);
+    u.protocol = 'mysql:';
+    const createPool = mysql.createPool as (config: object) => { end(): Promise<void> };
+    const pool = createPool({ uri: u.toString(), connectTimeout: 3_000, connectionLimit: 2 });
+    const { mysqlStore } = await import('../stores/mysql.js');
+    const store = mysqlStore({ pool: pool as never, ...(table ? { table } : {}) });
+    return {
+      store,
+      kind: 'mysql',
+      async close() {
+        await store.close();
+        await pool.end();
+      },
+    };
+  }
+  throw new Error(`unsupported store URL ${JSON.stringify(redact(url))}: use sqlite:<path>, redis://, postgres:// or mysql://`);
+}
+
+/** Which record to read: the key as the client sent it, and where it was used. */
+export interface RecordQuery {
+  key: string;
+  /** The scope the server gave it (the account, for the reference system) ['']. */
+  scope?: string;
+  /** The middleware's `namespace` option ['']. */
+  namespace?: string;
+}
+
+/** What {@link inspectKey} reports. */
+export interface Inspection {
+  /** The record id the store indexes: SHA-256 of namespace, scope and key. */
+  id: string;
+  /** `absent` when there is no record, or it expired. */
+  state: 'absent' | StoredRecord['state'];
+  fingerprint?: string | null;
+  /** In-progress records: when the lease ends (ISO time) and how far away that is. */
+  leaseUntil?: string;
+  leaseRemainingMs?: number;
+  /** When the record stops existing (ISO time). */
+  expiresAt?: string;
+  /** Completed records: the head of the stored outcome. */
+  outcome?: {
+    kind: 'response' | 'marker' | 'processed' | 'unreadable';
+    status?: number;
+    headers?: Array<[string, string]>;
+    location?: string;
+    /** The first 500 characters of the body. */
+    bodyHead?: string;
+    bodyBytes?: number;
+  };
+}
+
+/** Reads the record of `query.key` in `store`. */
+export async function inspectKey(store: IdempotencyStore, query: RecordQuery): Promise<Inspection> {
+  const id = recordId(query.key, query.scope ?? '', query.namespace ?? '');
+  const record = await store.get(id);
+  if (record === null) return { id, state: 'absent' };
+  const now = Date.now();
+  const result: Inspection = {
+    id,
+    state: record.state,
+    fingerprint: record.fingerprint,
+    expiresAt: new Date(record.expiresAt).toISOString(),
+  };
+  if (record.state === 'in_progress') {
+    result.leaseUntil = new Date(record.leaseUntil).toISOString();
+    result.leaseRemainingMs = record.leaseUntil - now;
+    return result;
+  }
+  try {
+    const outcome = decodeOutcome(record.outcome);
+    if (outcome.kind === 'response') {
+      const { body } = outcome.response;
+      const text = typeof body === 'string' ? body : Buffer.from(body).toString('base64');
+      result.outcome = {
+        kind: 'response',
+        status: outcome.response.status,
+        headers: outcome.response.headers,
+        bodyHead: text.slice(0, 500),
+        bodyBytes: typeof body === 'string' ? Buffer.byteLength(body) : body.byteLength,
+      };
+    } else if (outcome.kind === 'marker') {
+      result.outcome = { kind: 'marker', status: outcome.status, ...(outcome.location ? { location: outcome.location } : {}) };
+    } else {
+      result.outcome = { kind: 'processed', status: outcome.status };
+    }
+  } catch {
+    // Not an HTTP outcome (the function form or a consumer stored it): show it raw.
+    result.outcome = { kind: 'unreadable', bodyHead: record.outcome.slice(0, 500) };
+  }
+  return result;
+}
+
+/** An {@link Inspection} as lines of text for a terminal. */
+export function formatInspection(inspection: Inspection): string {
+  const lines = [`record      ${inspection.id}`, `state       ${inspection.state}`];
+  if (inspection.state === 'absent') {
+    lines.push('            (no record: never used, expired, or another scope/namespace)');
+    return lines.join('\n');
+  }
+  lines.push(`fingerprint ${inspection.fingerprint ?? '(none)'}`);
+  if (inspection.leaseUntil !== undefined) {
+    const remaining = inspection.leaseRemainingMs ?? 0;
+    lines.push(
+      `lease until ${inspection.leaseUntil} (${remaining > 0 ? `${remaining} ms left` : `ended ${-remaining} ms ago: the next retry takes over`})`,
+    );
+  }
+  lines.push(`expires     ${inspection.expiresAt}`);
+  const outcome = inspection.outcome;
+  if (outcome) {
+    lines.push(`outcome     ${outcome.kind}${outcome.status !== undefined ? ` ${outcome.status}` : ''}`);
+    if (outcome.location) lines.push(`location    ${outcome.location}`);
+    for (const [name, value] of outcome.headers ?? []) lines.push(`  ${name}: ${value}`);
+    if (outcome.bodyHead !== undefined) {
+      const more = outcome.bodyBytes !== undefined && outcome.bodyBytes > outcome.bodyHead.length ? ` … (${outcome.bodyBytes} bytes)` : '';
+      lines.push(`body        ${outcome.bodyHead}${more}`);
+    }
+  }
+  return lines.join('\n');
+}
+
+/** Deletes up to `limit` expired records; 0 for stores that expire records themselves. */
+export async function purge(store: IdempotencyStore, limit: number): Promise<{ deleted: number; nativeTtl: boolean }> {
+  if (store.capabilities.nativeTtl) return { deleted: 0, nativeTtl: true };
+  return { deleted: await store.purgeExpired(limit), nativeTtl: false };
+}
+
+/** The URL without its password, for messages. */
+export function redact(url: string): string {
+  try {
+    const u = new URL(url);
+    if (u.password) u.password = '***';
+    return u.toString();
+  } catch {
+    return url;
+  }
+}
