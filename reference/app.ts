@@ -128,12 +128,31 @@ export async function buildApp(options: ReferenceOptions = {}): Promise<FastifyI
     bodyLimit: options.bodyLimit ?? 1024 * 1024,
     // Amounts must be numbers, not strings that look like numbers: no coercion, nothing dropped silently.
     ajv: { customOptions: { coerceTypes: false, removeAdditional: false, allErrors: true } },
+    // Requests arriving while closing get a problem+json 503 from the hook below instead.
+    return503OnClosing: false,
   });
   installProblemHandlers(app);
+
+  // Graceful shutdown: requests arriving while closing are refused (nothing
+  // runs), and every answer sent while closing ends its connection, so that
+  // a keep-alive client does not hold the server open after the last one.
+  let closing = false;
+  app.addHook('preClose', async () => {
+    closing = true;
+  });
+  app.addHook('onSend', async (_request, reply, payload) => {
+    if (closing) reply.header('connection', 'close');
+    return payload;
+  });
 
   app.decorateRequest('account', '');
   // Auth first (onRequest runs before body parsing and before oncely's preHandler).
   app.addHook('onRequest', async (request, reply) => {
+    if (closing) {
+      return sendProblem(reply, problem('shutting-down', 'The server is shutting down; retry shortly.'), {
+        'retry-after': '1',
+      });
+    }
     if (request.url === '/healthz' || request.url.startsWith('/healthz?')) return;
     const header = request.headers.authorization;
     const match = typeof header === 'string' ? BEARER.exec(header) : null;
@@ -181,17 +200,6 @@ export async function buildApp(options: ReferenceOptions = {}): Promise<FastifyI
     await tradeRoutes(scoped, ctx);
     await userRoutes(scoped, ctx);
     await orderRoutes(scoped, ctx);
-  });
-
-  // Graceful shutdown: answers sent while closing end their connection, so
-  // that a keep-alive client does not hold the server open after the last one.
-  let closing = false;
-  app.addHook('preClose', async () => {
-    closing = true;
-  });
-  app.addHook('onSend', async (_request, reply, payload) => {
-    if (closing) reply.header('connection', 'close');
-    return payload;
   });
 
   if (ledger) {

@@ -25,6 +25,7 @@ export const REFERENCE_PROBLEMS = {
   'unsupported-media-type': { status: 415, title: 'Unsupported media type' },
   'payment-failed': { status: 502, title: 'Payment failed' },
   'payment-pending': { status: 503, title: 'Payment still in progress' },
+  'shutting-down': { status: 503, title: 'Server shutting down' },
   internal: { status: 500, title: 'Internal error' },
 } as const;
 

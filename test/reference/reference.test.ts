@@ -557,6 +557,59 @@ describe('reference system variants', () => {
     }
   });
 
+  it('a completion the store lost: the retry after the lease re-runs the handler, which answers with the same payment', async () => {
+    let failCompletes = 3; // the engine retries a failed complete twice
+    const base = memoryStore();
+    const flaky: IdempotencyStore = Object.assign(Object.create(base) as IdempotencyStore, {
+      complete: (...args: Parameters<IdempotencyStore['complete']>) =>
+        failCompletes-- > 0 ? Promise.reject(new Error('connection reset')) : base.complete(...args),
+    });
+    const ref = await startReference({ store: flaky, dataDir: tempDir(), port: 0, leaseMs: 1500 });
+    try {
+      const account = fresh('acct');
+      const key = fresh();
+      const first = await call(ref.url, 'POST', '/payments', { account, key, body: PAY });
+      expect(first.status).toBe(201); // the effect happened; the caller still gets its answer
+      const early = await call(ref.url, 'POST', '/payments', { account, key, body: PAY });
+      expect(early.headers.get('idempotent-replayed'), 'replayed?').toBeNull();
+      expectProblem(early, 409); // not stored: in progress until the lease ends
+      await new Promise((r) => setTimeout(r, 1600));
+      const retry = await call(ref.url, 'POST', '/payments', { account, key, body: PAY });
+      expect(retry.status).toBe(201);
+      expect(retry.headers.get('idempotent-replayed')).toBeNull(); // re-executed (takeover)…
+      expect(retry.json()).toEqual(first.json()); // …and found the payment already made
+      expect(await paymentCount(ref.url, account)).toBe(1);
+      const replay = await call(ref.url, 'POST', '/payments', { account, key, body: PAY });
+      expect(replay.headers.get('idempotent-replayed')).toBe('true');
+    } finally {
+      await ref.close();
+    }
+  });
+
+  it('a lease lost while the payment provider is slow: the handler stops before charging (409), a retry charges once', async () => {
+    let refuseRenewals = true;
+    const base = memoryStore();
+    const fenced: IdempotencyStore = Object.assign(Object.create(base) as IdempotencyStore, {
+      renew: (...args: Parameters<IdempotencyStore['renew']>) =>
+        refuseRenewals ? Promise.resolve(false) : base.renew(...args),
+    });
+    const ref = await startReference({ store: fenced, dataDir: tempDir(), port: 0, leaseMs: 300, paymentDelayMs: 600 });
+    try {
+      const account = fresh('acct');
+      const key = fresh();
+      const lost = await call(ref.url, 'POST', '/payments', { account, key, body: PAY });
+      expect(expectProblem(lost, 409).type).toBe('https://oncely.dev/problems/lease-lost');
+      expect(await paymentCount(ref.url, account)).toBe(0);
+      refuseRenewals = false;
+      await new Promise((r) => setTimeout(r, 350));
+      const retry = await call(ref.url, 'POST', '/payments', { account, key, body: PAY });
+      expect(retry.status, retry.text).toBe(201);
+      expect(await paymentCount(ref.url, account)).toBe(1);
+    } finally {
+      await ref.close();
+    }
+  });
+
   it('a store that is down answers 503 problem with Retry-After and runs nothing', async () => {
     const base = memoryStore();
     const down: IdempotencyStore = Object.assign(Object.create(base) as IdempotencyStore, {
