@@ -16,6 +16,7 @@
  * @module
  */
 
+import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -81,13 +82,19 @@ export async function openStoreUrl(url: string, options: OpenStoreOptions = {}):
     let path = url.slice('sqlite:'.length);
     if (path.startsWith('//')) path = path.slice(2);
     if (path === '') throw new Error('sqlite: needs a file path, e.g. sqlite:./data/oncely.db');
+    // A mistyped path must not create an empty database and report "no record".
+    if (!existsSync(path)) throw new Error(`no such file: ${path}`);
     const Database = cjs(await loadDriver('better-sqlite3', 'sqlite:')) as unknown as new (
       path: string,
       options: { fileMustExist: boolean },
-    ) => { close(): void };
+    ) => { close(): void; prepare(sql: string): { get(...params: unknown[]): unknown } };
     const { sqliteStore } = await import('../stores/sqlite.js');
-    // fileMustExist: a mistyped path must not create an empty database and report "no record".
     const database = new Database(path, { fileMustExist: true });
+    const name = table ?? 'oncely_records';
+    if (!database.prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?").get(name)) {
+      database.close();
+      throw new Error(`${path} has no table ${name} (another table? pass --table)`);
+    }
     const store = sqliteStore({
       database: database as never,
       ...(table ? { table } : {}),
@@ -108,10 +115,18 @@ export async function openStoreUrl(url: string, options: OpenStoreOptions = {}):
     const Redis = (ioredis.Redis ?? cjs(ioredis)) as new (
       url: string,
       options: object,
-    ) => { connect(): Promise<void>; quit(): Promise<unknown>; disconnect(): void; on(e: string, f: () => void): void };
+    ) => { connect(): Promise<void>; quit(): Promise<unknown>; disconnect(): void; on(e: string, f: (error: Error) => void): void };
     const client = new Redis(url, { lazyConnect: true, enableOfflineQueue: false, maxRetriesPerRequest: 1, connectTimeout: 3_000, retryStrategy: () => null });
-    client.on('error', () => {}); // reported by connect() below
-    await client.connect();
+    let lastError: Error | undefined;
+    client.on('error', (error) => {
+      lastError = error; // the real cause; connect() only says the connection closed
+    });
+    try {
+      await client.connect();
+    } catch (error) {
+      client.disconnect();
+      throw lastError ?? error;
+    }
     const { redisStore } = await import('../stores/redis.js');
     const store = redisStore({ client: client as never, ...(options.prefix ? { prefix: options.prefix } : {}) });
     return {
