@@ -20,7 +20,7 @@ import { type BusinessDb, openBusinessDb } from './db.js';
 import { orderRoutes } from './orders.js';
 import { createLedger, type Ledger } from './ledger/index.js';
 import { paymentRoutes } from './payments.js';
-import { installProblemHandlers, problem, sendProblem } from './problem.js';
+import { clientErrorProblem, frameworkErrorProblem, installProblemHandlers, problem, sendProblem } from './problem.js';
 import { DEFAULT_STORE_URL, type OpenedStore, openStore } from './store-url.js';
 import { tradeRoutes } from './trades.js';
 import { userRoutes } from './users.js';
@@ -130,6 +130,8 @@ export async function buildApp(options: ReferenceOptions = {}): Promise<FastifyI
     ajv: { customOptions: { coerceTypes: false, removeAdditional: false, allErrors: true } },
     // Requests arriving while closing get a problem+json 503 from the hook below instead.
     return503OnClosing: false,
+    frameworkErrors: frameworkErrorProblem,
+    clientErrorHandler: clientErrorProblem,
   });
   installProblemHandlers(app);
 

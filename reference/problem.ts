@@ -5,7 +5,9 @@
  *
  * @module
  */
-import type { FastifyError, FastifyInstance, FastifyReply } from 'fastify';
+import { STATUS_CODES } from 'node:http';
+import type { Socket } from 'node:net';
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { BodyInvalidError, BodyTooLargeError, isOncelyError, PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE } from 'oncely';
 
 /** The body of a problem response. */
@@ -22,6 +24,9 @@ export const REFERENCE_PROBLEMS = {
   unauthorized: { status: 401, title: 'Authentication required' },
   validation: { status: 400, title: 'Request is invalid' },
   'not-found': { status: 404, title: 'Not found' },
+  'bad-request': { status: 400, title: 'Malformed request' },
+  'request-timeout': { status: 408, title: 'Request timeout' },
+  'headers-too-large': { status: 431, title: 'Request headers too large' },
   'unsupported-media-type': { status: 415, title: 'Unsupported media type' },
   'payment-failed': { status: 502, title: 'Payment failed' },
   'payment-pending': { status: 503, title: 'Payment still in progress' },
@@ -122,4 +127,39 @@ export function installProblemHandlers(app: FastifyInstance): void {
   app.setNotFoundHandler((request, reply) =>
     sendProblem(reply, problem('not-found', `No route ${request.method} ${request.url.split('?')[0]}.`)),
   );
+}
+
+/**
+ * Fastify's `frameworkErrors` option: errors raised before routing (an
+ * undecodable URL), answered as problems like every other error.
+ */
+export function frameworkErrorProblem(error: FastifyError, _request: FastifyRequest, reply: FastifyReply): void {
+  const body =
+    error.code === 'FST_ERR_BAD_URL'
+      ? problem('bad-request', 'The URL is not valid (a percent-encoding is broken).')
+      : problemOf(error).body;
+  void sendProblem(reply, body);
+}
+
+/**
+ * Fastify's `clientErrorHandler` option: a request Node's HTTP parser
+ * refused (headers too large, a timeout, broken HTTP), answered on the raw
+ * socket with a problem and the connection closed.
+ */
+export function clientErrorProblem(error: Error & { code?: string }, socket: Socket): void {
+  if (error.code === 'ECONNRESET' || socket.destroyed) return;
+  const body =
+    error.code === 'ERR_HTTP_REQUEST_TIMEOUT'
+      ? problem('request-timeout', 'The request was not received in time.')
+      : error.code === 'HPE_HEADER_OVERFLOW'
+        ? problem('headers-too-large', 'The request headers exceed the size the server accepts.')
+        : problem('bad-request', 'The request is not valid HTTP.');
+  const text = JSON.stringify(body);
+  if (socket.writable) {
+    socket.write(
+      `HTTP/1.1 ${body.status} ${STATUS_CODES[body.status]}\r\nConnection: close\r\n` +
+        `Content-Type: application/problem+json\r\nContent-Length: ${Buffer.byteLength(text)}\r\n\r\n${text}`,
+    );
+  }
+  socket.destroy(error);
 }

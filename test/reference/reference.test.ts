@@ -499,8 +499,14 @@ describe.each(variants)('reference system on the %s store', (kind, storeUrl) => 
     expectProblem(await call(url, 'GET', `/users/${id}`, { account }), 404);
   });
 
-  it('answers unknown routes with a 404 problem', async () => {
+  it('answers unknown routes, broken URLs and oversized headers with problems too', async () => {
     expectProblem(await call(url, 'GET', '/nowhere'), 404);
+    expectProblem(await call(url, 'PATCH', '/payments'), 404);
+    expect(expectProblem(await call(url, 'GET', '/payments/%E0%A4%A'), 400).type).toBe(
+      'https://oncely.dev/problems/reference/bad-request',
+    );
+    const huge = await call(url, 'GET', '/healthz', { headers: { 'x-padding': 'a'.repeat(20_000) } });
+    expectProblem(huge, 431);
   });
 
   it('keeps records and business data across a restart', async () => {
