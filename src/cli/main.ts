@@ -45,6 +45,7 @@ Options:
                           [${DEFAULT_BODY}]
   -c, --concurrency <n>   duplicates sent at once by the concurrency check [20]
   -t, --timeout <ms>      limit of one request, ms (or 5s) [10000]
+      --max-time <ms>     limit of the whole run, ms (or 90s) [120000]
       --id-field <path>   where the resource id is in a JSON answer, dotted [id];
                           else the Location header
       --skip <check>      do not run this check (repeatable)
@@ -144,12 +145,12 @@ function integer(value: string | undefined, name: string, min: number, fallback:
   return n;
 }
 
-function duration(value: string | undefined, fallback: number): number {
+function duration(value: string | undefined, name: string, fallback: number): number {
   if (value === undefined) return fallback;
   const match = /^(\d+(?:\.\d+)?)(ms|s)?$/.exec(value.trim());
-  if (!match) throw new UsageError(`--timeout must be milliseconds (5000) or seconds (5s), got ${JSON.stringify(value)}`);
+  if (!match) throw new UsageError(`--${name} must be milliseconds (5000) or seconds (5s), got ${JSON.stringify(value)}`);
   const ms = Number(match[1]) * (match[2] === 's' ? 1000 : 1);
-  if (!(ms > 0)) throw new UsageError('--timeout must be positive');
+  if (!(ms > 0)) throw new UsageError(`--${name} must be positive`);
   return ms;
 }
 
@@ -163,6 +164,7 @@ async function runVerify(args: readonly string[], io: Io): Promise<number> {
       body: { type: 'string', short: 'd' },
       concurrency: { type: 'string', short: 'c' },
       timeout: { type: 'string', short: 't' },
+      'max-time': { type: 'string' },
       'id-field': { type: 'string' },
       skip: { type: 'string', multiple: true },
       json: { type: 'boolean' },
@@ -212,7 +214,8 @@ async function runVerify(args: readonly string[], io: Io): Promise<number> {
     headers,
     ...(body !== undefined ? { body } : {}),
     concurrency: integer(values.concurrency, 'concurrency', 2, 20),
-    timeoutMs: duration(values.timeout, 10_000),
+    timeoutMs: duration(values.timeout, 'timeout', 10_000),
+    maxTimeMs: duration(values['max-time'], 'max-time', 120_000),
     idField: values['id-field'] ?? 'id',
     skip,
   });

@@ -6,6 +6,7 @@
  */
 import { execFile } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
+import { type AddressInfo, createServer as createNetServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -15,6 +16,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type RunningReference, startReference } from '../../reference/app.js';
 import { type BrokenServer, startBrokenServer } from '../../test/support/broken-server.js';
 import { recordId } from '../engine/fingerprint.js';
+import { sqliteStore } from '../stores/sqlite.js';
 import { type Io, run } from './main.js';
 import { CHECK_NAMES, type VerifyReport, verify } from './verify.js';
 
@@ -98,6 +100,16 @@ describe('verify against the reference system', () => {
     for (const name of CHECK_NAMES) expect(io.text()).toMatch(new RegExp(`${name}\\s+PASS`));
   });
 
+  it('a body without placeholders: reuse cannot run (SKIP fails the run) unless skipped on request', async () => {
+    const body = '{"amount":100,"currency":"EUR"}';
+    const report = await verify({ url: `${ref.url}/payments`, headers: [AUTH], body, concurrency: 5 });
+    expect(statuses(report)).toMatchObject({ replay: 'pass', reuse: 'skip', concurrency: 'pass' });
+    expect(report.checks.find((c) => c.name === 'reuse')!.summary).toMatch(/no \{\{n\}\} or \{\{uuid\}\}/);
+    expect(report.passed).toBe(false);
+    const skipped = await verify({ url: `${ref.url}/payments`, headers: [AUTH], body, concurrency: 5, skip: ['reuse'] });
+    expect(skipped.passed).toBe(true);
+  });
+
   it('through the real CLI entry with --json: exit 0, every check passed', async () => {
     const { code, stdout, stderr } = await cli(['verify', `${ref.url}/payments`, '--header', `Authorization: ${AUTH[1]}`, '--json']);
     expect(code, stderr).toBe(0);
@@ -160,6 +172,31 @@ describe('verify against the reference system', () => {
     const still = capture();
     await run(['inspect', '--store', `sqlite:${storePath}`, '--key', key, '--scope', 'acct_verify'], still);
     expect(still.text()).toMatch(/state\s+completed/);
+  });
+
+  it('inspect shows the lease of an in-progress record', async () => {
+    const database = new Database(storePath);
+    const store = sqliteStore({ database, purgeIntervalMs: 0 });
+    try {
+      const claim = await store.claim(recordId('running-1', 'acct_verify', 'jobs'), { fingerprint: 'v1:abc', leaseMs: 60_000, ttlMs: 120_000 });
+      expect(claim.status).toBe('acquired');
+      const io = capture();
+      const args = ['inspect', '--store', `sqlite:${storePath}`, '--key', 'running-1', '--scope', 'acct_verify'];
+      expect(await run([...args, '--namespace', 'jobs'], io)).toBe(0);
+      expect(io.text()).toMatch(/state\s+in_progress/);
+      expect(io.text()).toMatch(/fingerprint v1:abc/);
+      expect(io.text()).toMatch(/lease until \S+ \(\d+ ms left\)/);
+      const json = capture();
+      await run([...args, '--namespace', 'jobs', '--json'], json);
+      expect((JSON.parse(json.text()) as { leaseRemainingMs: number }).leaseRemainingMs).toBeGreaterThan(50_000);
+      // Without the namespace it is another record.
+      const other = capture();
+      await run(args, other);
+      expect(other.text()).toMatch(/state\s+absent/);
+    } finally {
+      await store.close();
+      database.close();
+    }
   });
 });
 
@@ -247,6 +284,28 @@ describe('usage', () => {
     const missing = join(tempDir(), 'absent.db');
     expect(await run(['inspect', '--store', `sqlite:${missing}`, '--key', 'k'], io)).toBe(1);
     expect(io.text()).toMatch(/cannot open sqlite:/);
+  });
+
+  it('a server that never answers: bounded by --timeout and --max-time', async () => {
+    const sockets = new Set<Socket>();
+    const silent = createNetServer((socket) => {
+      sockets.add(socket); // accepted, never answered
+      socket.on('close', () => sockets.delete(socket));
+    });
+    await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
+    try {
+      const { port } = silent.address() as AddressInfo;
+      const started = Date.now();
+      const report = await verify({ url: `http://127.0.0.1:${port}/x`, timeoutMs: 300, maxTimeMs: 1_000 });
+      expect(Date.now() - started).toBeLessThan(3_000);
+      expect(report.passed).toBe(false);
+      expect(report.checks.every((c) => c.status === 'fail')).toBe(true);
+      expect(report.checks[0]!.evidence[0]).toMatch(/timed out/);
+      expect(report.checks.at(-1)!.evidence[0]).toMatch(/time limit of the run \(1000 ms\) ran out/);
+    } finally {
+      for (const socket of sockets) socket.destroy();
+      await new Promise<void>((resolve) => silent.close(() => resolve()));
+    }
   });
 
   it('an unreachable endpoint fails the checks (exit 1) within the timeout', async () => {

@@ -48,6 +48,8 @@ export interface VerifyOptions {
   concurrency?: number;
   /** Limit of one request, ms [10000]. */
   timeoutMs?: number;
+  /** Limit of the whole run, ms [120000]: past it, the checks left fail without sending anything. */
+  maxTimeMs?: number;
   /** Where the resource id is in a JSON answer, dotted path [`id`]; else the `Location` header. */
   idField?: string;
   /** Checks not to run (they count neither as passed nor as failed). */
@@ -128,7 +130,17 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     throw new RangeError('concurrency must be an integer from 2 to 1000');
   }
   if (!(timeoutMs > 0)) throw new RangeError('timeout must be positive');
+  const maxTimeMs = options.maxTimeMs ?? 120_000;
+  if (!(maxTimeMs > 0)) throw new RangeError('maxTimeMs must be positive');
+  const deadline = Date.now() + maxTimeMs;
+  /** The limit of the next request: the per-request timeout, or what is left of the run. */
+  const budget = (): number => {
+    const left = deadline - Date.now();
+    if (left <= 0) throw new Failure(`the time limit of the run (${maxTimeMs} ms) ran out`);
+    return Math.min(timeoutMs, left);
+  };
   const skip = new Set(options.skip ?? []);
+  const hasBody = method !== 'GET' && method !== 'HEAD';
   const userHeaders = options.headers ?? [];
   const hasContentType = userHeaders.some(([name]) => name.toLowerCase() === 'content-type');
   let requests = 0;
@@ -150,19 +162,21 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
   };
 
   const send = async (keys: readonly string[], body: string): Promise<Answer> => {
+    const limit = budget();
     requests++;
     let res: Response;
+    let text: string;
     try {
       res = await fetch(url, {
         method,
         headers: headersFor(keys),
-        body: method === 'GET' || method === 'HEAD' ? undefined : body,
-        signal: AbortSignal.timeout(timeoutMs),
+        body: hasBody ? body : undefined,
+        signal: AbortSignal.timeout(limit),
       });
+      text = await res.text();
     } catch (error) {
       throw new Failure(`${method} ${url.pathname} failed: ${describeError(error)}`);
     }
-    const text = await res.text();
     return {
       status: res.status,
       headers: res.headers,
@@ -179,7 +193,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     while (waits < SETTLE_ATTEMPTS && (answer.status === 409 || (answer.status === 503 && answer.headers.has('retry-after')))) {
       if (answer.status === 409 && !answer.headers.has('retry-after') && !isInFlight(answer)) break; // a business conflict
       waits++;
-      await sleep(retryAfterMs(answer.headers.get('retry-after')));
+      await sleep(Math.min(retryAfterMs(answer.headers.get('retry-after')), Math.max(0, deadline - Date.now())));
       answer = await send([key], body);
     }
     return { answer, waits };
@@ -302,13 +316,15 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     async 'dropped-retry'() {
       const key = randomUUID();
       const body = nextBody();
+      const limit = budget();
       requests++;
-      const dropped = await sendAndDrop(url, method, headersFor([key]), body, timeoutMs);
+      const dropped = await sendAndDrop(url, method, headersFor([key]), hasBody ? body : '', limit);
+      if (dropped.error !== undefined) throw new Failure(`${method} ${url.pathname} failed: ${dropped.error}`);
       const firstId = dropped.raw ? parseRawAnswer(dropped.raw, idField) : undefined;
       const evidence = [
         dropped.raw
           ? `key ${key}: connection cut as the answer arrived (${firstId?.status ?? '?'}${firstId?.id ? ` id=${firstId.id}` : ''}, unread by the client)`
-          : `key ${key}: connection cut after ${timeoutMs} ms without an answer`,
+          : `key ${key}: connection cut after ${limit} ms without an answer`,
       ];
       const { answer: retry, waits } = await sendSettled(key, body);
       evidence.push(`retry with the same key${waits ? ` (after ${waits} in-flight answers)` : ''} → ${describe(retry)}`);
@@ -362,7 +378,7 @@ function sendAndDrop(
   headers: Headers,
   body: string,
   timeoutMs: number,
-): Promise<{ raw: Buffer | undefined }> {
+): Promise<{ raw: Buffer | undefined; error?: string }> {
   const payload = Buffer.from(body);
   const lines = [`${method} ${url.pathname}${url.search} HTTP/1.1`, `host: ${url.host}`, 'connection: close'];
   for (const [name, value] of headers) lines.push(`${name}: ${value}`);
@@ -374,19 +390,19 @@ function sendAndDrop(
     const socket: Socket =
       url.protocol === 'https:' ? tlsConnect({ host, port, servername: host }) : netConnect({ host, port });
     let done = false;
-    const finish = (raw: Buffer | undefined): void => {
+    const finish = (raw: Buffer | undefined, error?: string): void => {
       if (done) return;
       done = true;
       clearTimeout(timer);
       socket.destroy();
-      resolve({ raw });
+      resolve(error === undefined ? { raw } : { raw, error });
     };
     const timer = setTimeout(() => finish(undefined), timeoutMs);
     socket.once(url.protocol === 'https:' ? 'secureConnect' : 'connect', () => socket.write(request));
     // The first chunk of a small answer holds all of it: enough to name the resource.
     socket.once('data', (chunk: Buffer) => finish(chunk));
-    socket.once('error', () => finish(undefined));
-    socket.once('close', () => finish(undefined));
+    socket.once('error', (error) => finish(undefined, error.message));
+    socket.once('close', () => finish(undefined, 'the server closed the connection without answering'));
   });
 }
 
