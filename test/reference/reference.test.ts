@@ -11,7 +11,12 @@ import { join } from 'node:path';
 import type { IdempotencyStore } from 'oncely';
 import { memoryStore } from 'oncely/stores/memory';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { type ReferenceOptions, type RunningReference, startReference } from '../../reference/app.js';
+import {
+  type ReferenceOptions,
+  type RunningReference,
+  referenceOptionsFromEnv,
+  startReference,
+} from '../../reference/app.js';
 
 const PROBLEM = /^application\/problem\+json/;
 const BODY_LIMIT = 16 * 1024;
@@ -538,6 +543,12 @@ describe('reference system variants', () => {
       expect([a.status, b.status, none.status]).toEqual([201, 201, 201]);
       expect(b.headers.get('idempotent-replayed')).toBeNull();
       expect(await paymentCount(ref.url, account)).toBe(3);
+      const order = { currency: 'EUR', items: [{ sku: 'a', quantity: 1, price: 10 }] };
+      const o1 = await call(ref.url, 'POST', '/orders', { account, key, body: order });
+      const o2 = await call(ref.url, 'POST', '/orders', { account, key, body: order });
+      expect([o1.status, o2.status]).toEqual([201, 201]);
+      expect(o1.json().payment).not.toBe(o2.json().payment);
+      expect(await paymentCount(ref.url, account)).toBe(5);
       expect((await call(ref.url, 'GET', '/healthz')).json()).toMatchObject({ idempotency: false });
     } finally {
       await ref.close();
@@ -634,5 +645,57 @@ describe('reference system variants', () => {
     } finally {
       await ref.close();
     }
+  });
+});
+
+describe('referenceOptionsFromEnv', () => {
+  it('has the documented defaults', () => {
+    expect(referenceOptionsFromEnv({})).toEqual({
+      storeUrl: 'sqlite:./data/oncely.db',
+      dataDir: './data',
+      host: '127.0.0.1',
+      port: 3000,
+      leaseMs: 30_000,
+      idempotency: true,
+      waitMs: undefined,
+      paymentDelayMs: 0,
+      paymentDelayAfterMs: 0,
+      orderDelayMs: 0,
+      bodyLimit: 1024 * 1024,
+      logger: false,
+      brokerUrl: undefined,
+    });
+  });
+
+  it('reads every knob and refuses nonsense', () => {
+    const options = referenceOptionsFromEnv({
+      STORE_URL: 'memory:',
+      DATA_DIR: '/tmp/x',
+      HOST: '0.0.0.0',
+      PORT: '0',
+      LEASE_MS: '1000',
+      IDEMPOTENCY: 'off',
+      WAIT_MS: '500',
+      PAYMENT_DELAY_MS: '3000',
+      PAYMENT_DELAY_AFTER_MS: '10',
+      ORDER_DELAY_MS: '20',
+      BODY_LIMIT: '2048',
+      BROKER_URL: 'nats://127.0.0.1:4222',
+    });
+    expect(options).toMatchObject({
+      storeUrl: 'memory:',
+      port: 0,
+      leaseMs: 1000,
+      idempotency: false,
+      waitMs: 500,
+      paymentDelayMs: 3000,
+      paymentDelayAfterMs: 10,
+      orderDelayMs: 20,
+      bodyLimit: 2048,
+      brokerUrl: 'nats://127.0.0.1:4222',
+    });
+    expect(() => referenceOptionsFromEnv({ PORT: 'abc' })).toThrow(/PORT/);
+    expect(() => referenceOptionsFromEnv({ LEASE_MS: '0' })).toThrow(/LEASE_MS/);
+    expect(() => referenceOptionsFromEnv({ IDEMPOTENCY: 'maybe' })).toThrow(/IDEMPOTENCY/);
   });
 });
