@@ -15,7 +15,7 @@
  * Not a test: nothing here asserts on time.
  */
 import { randomUUID } from 'node:crypto';
-import { loadavg } from 'node:os';
+import { cpus, loadavg } from 'node:os';
 import { Redis } from 'ioredis';
 import { counts, fmtRange, load, type Path, type RunResult, redisCpuUs, send, summarise, table } from './lib/load.js';
 import { machine } from './lib/machine.js';
@@ -167,6 +167,11 @@ const md = [
   'Miss: a new `Idempotency-Key` on every request. Replay: one key, primed before the rounds.',
   'Ratios are per round (contestants run back to back, order rotating), then median and range across rounds.',
   'Store calls are counted by a wrapper around the store inside each server.',
+  ...(Math.max(load0[0]!, loadavg()[0]!) > cpus().length
+    ? [
+        `> Other work shared this machine during the run (load average ${load0[0]!.toFixed(1)} at start, ${loadavg()[0]!.toFixed(1)} at end, on ${cpus().length} cores): req/s swings with it; server CPU per request moves far less.`,
+      ]
+    : []),
   "Server CPU: user + system time of the server process (`process.cpuUsage()`) over the round, divided by the requests answered; a cost per request that other load on the machine changes far less than req/s. It leaves out the load generator. Redis CPU: `INFO cpu` deltas over the round per request; Redis is shared with other work, so treat it as approximate (a few µs of background for contestants that do not use Redis).",
   '',
   table(head, rows),

@@ -16,7 +16,7 @@
 import { execSync } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
-import { loadavg } from 'node:os';
+import { cpus, loadavg } from 'node:os';
 import { join } from 'node:path';
 import { Redis } from 'ioredis';
 import { DOC, readSection } from '../lib/doc.js';
@@ -448,6 +448,12 @@ const doc = [
   '',
   '## Headline',
   '',
+  ...(Math.max(load0[0]!, load1[0]!) > cpus().length
+    ? [
+        `> Other work shared this machine during the run (load average ${load0[0]!.toFixed(1)} at start, ${load1[0]!.toFixed(1)} at end, on ${cpus().length} cores): req/s swings with it, so read the ratios with their ranges, and lean on server CPU per request, which moves far less.`,
+        '',
+      ]
+    : []),
   ...headline,
   '',
   '## Correctness',
