@@ -299,7 +299,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
         `${concurrency} at once with key ${key} → ${[...statuses].map(([s, c]) => `${c}× ${s}`).join(', ')}${errors ? `, ${errors} network errors` : ''}`,
       ];
       const { answer: after, waits } = await sendSettled(key, body);
-      evidence.push(`then the same request${waits ? ` (after ${waits} in-flight answers)` : ''} → ${describe(after)}`);
+      evidence.push(`then the same request${waits ? ` (after ${waits} in-flight answer${waits === 1 ? '' : 's'})` : ''} → ${describe(after)}`);
       const successes = [...answers, after].filter((a) => a.status >= 200 && a.status < 300);
       const ids = new Set(successes.map(identity));
       if (successes.length === 0) {
@@ -327,7 +327,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
           : `key ${key}: connection cut after ${limit} ms without an answer`,
       ];
       const { answer: retry, waits } = await sendSettled(key, body);
-      evidence.push(`retry with the same key${waits ? ` (after ${waits} in-flight answers)` : ''} → ${describe(retry)}`);
+      evidence.push(`retry with the same key${waits ? ` (after ${waits} in-flight answer${waits === 1 ? '' : 's'})` : ''} → ${describe(retry)}`);
       if (retry.status >= 300) return { status: 'fail', summary: `the retry was answered ${retry.status}`, evidence };
       if (firstId?.id !== undefined && retry.id !== undefined) {
         if (firstId.id === retry.id) return { status: 'pass', summary: `same resource ${retry.id}`, evidence };
