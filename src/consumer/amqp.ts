@@ -204,6 +204,7 @@ export async function consumeAmqp(options: AmqpConsumerOptions): Promise<AmqpCon
         nack();
       }
       delayed.clear();
+      consumer.close();
     },
   };
 }

@@ -264,6 +264,7 @@ export class IdempotentConsumer<M> {
   readonly #handler: ConsumerHandler<M>;
   readonly #workingIntervalMs: number;
   readonly #listeners = new Map<ConsumerEventName, Set<(event: never) => void>>();
+  readonly #engineListener: { dispose(): void };
 
   constructor(options: ConsumerOptions<M>) {
     if (typeof options.name !== 'string' || options.name.length === 0) throw new ConfigError('A consumer needs a name.');
@@ -284,7 +285,22 @@ export class IdempotentConsumer<M> {
       if (typeof listener === 'function') this.on(name as 'processed', listener as (event: ConsumerEvents['processed']) => void);
     }
     // Store failures seen by the engine (renewals, completions) surface as consumer events too.
-    this.engine.on('storeError', (event) => this.#emit('storeError', { ...event, recordId: event.id, id: undefined }));
+    this.#engineListener = this.engine.on('storeError', (event) =>
+      this.#emit('storeError', { ...event, recordId: event.id, id: undefined }),
+    );
+  }
+
+  /**
+   * Stop listening to the engine (matters when the engine is shared and
+   * consumers come and go). The adapters' `stop()` calls it.
+   *
+   * @example
+   * ```ts
+   * consumer.close();
+   * ```
+   */
+  close(): void {
+    this.#engineListener.dispose();
   }
 
   /** The record id of a message id for this consumer. */

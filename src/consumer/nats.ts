@@ -216,6 +216,7 @@ export function consumeNats<M extends JsMsgLike = JsMsgLike>(options: NatsConsum
       else messages.stop?.();
       await done.catch(() => undefined);
       await Promise.allSettled([...running]);
+      handle.consumer.close();
     },
   };
 }

@@ -269,6 +269,7 @@ export async function consumeRedisStream(options: RedisStreamConsumerOptions): P
     async stop() {
       running = false;
       await done;
+      consumer.close();
     },
   };
 }

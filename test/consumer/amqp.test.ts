@@ -4,6 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import amqp, { type Channel, type ChannelModel } from 'amqplib';
 import { Redis } from 'ioredis';
+import type { IdempotencyStore } from 'oncely';
 import { type AmqpConsumer, consumeAmqp } from 'oncely/consumer/amqp';
 import { memoryStore } from 'oncely/stores/memory';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -121,6 +122,32 @@ describe('amqp consumer (real RabbitMQ)', () => {
     await waitFor(() => processed === 1, 10_000, 'the retry');
     expect(attempts).toBe(2);
     expect(released).toBe(1);
+  });
+
+  it('does not run or acknowledge while the store is down; handles the message once it is back', async () => {
+    const queue = await newQueue();
+    const inner = memoryStore();
+    let down = true;
+    const store: IdempotencyStore = {
+      ...inner,
+      claim: (id, input) => (down ? Promise.reject(new Error('connection refused')) : inner.claim(id, input)),
+    };
+    let runs = 0;
+    let storeErrors = 0;
+    let processed = 0;
+    await start({
+      queue,
+      name: `c-${suffix()}`,
+      store,
+      hooks: { storeError: () => storeErrors++, processed: () => processed++ },
+      handler: () => void runs++,
+    });
+    publish(queue, 'during-outage');
+    await waitFor(() => storeErrors >= 3, 10_000, 'three refused claims (redeliveries)');
+    expect(runs).toBe(0);
+    down = false;
+    await waitFor(() => processed === 1, 10_000, 'the message after the outage');
+    expect(runs).toBe(1);
   });
 
   it('sends a failed message to the dead-letter queue with deadLetter: true', async () => {
