@@ -9,6 +9,7 @@
  * @module
  */
 import type { FastifyInstance } from 'fastify';
+import { FingerprintMismatchError } from 'oncely';
 import { ClientRequestError, createClient, deriveKey } from 'oncely/client';
 import type { RouteContext } from './app.js';
 import { newId, pause } from './db.js';
@@ -81,6 +82,22 @@ const idParams = {
   properties: { id: { type: 'string', minLength: 1, maxLength: 64 } },
 } as const;
 
+/** The items as stored: fixed key order, so that equal orders compare equal. */
+function itemsText(items: OrderItem[]): string {
+  return JSON.stringify(items.map(({ sku, quantity, price }) => ({ sku, quantity, price })));
+}
+
+/** An earlier run's order for this record id must be the same order (see payments). */
+function sameOperation(existing: OrderRow | undefined, body: OrderBody): OrderRow | undefined {
+  if (existing === undefined) return undefined;
+  if (existing.currency !== body.currency || existing.items !== itemsText(body.items)) {
+    throw new FingerprintMismatchError(
+      `This Idempotency-Key already placed order ${existing.id}, for a different request; use a new key.`,
+    );
+  }
+  return existing;
+}
+
 function view(row: OrderRow): Order {
   return { ...row, items: JSON.parse(row.items) as OrderItem[] };
 }
@@ -99,7 +116,7 @@ export async function orderRoutes(app: FastifyInstance, ctx: RouteContext): Prom
   const record = db.transaction((account: string, idempotencyId: string | null, row: OrderRow): OrderRow => {
     if (idempotencyId !== null) {
       const existing = byIdempotency.get(account, idempotencyId) as OrderRow | undefined;
-      if (existing) return existing;
+      if (existing) return existing; // checked against the request before paying
     }
     insert.run(row.id, account, idempotencyId, row.currency, row.items, row.total, row.payment, row.created);
     return row;
@@ -113,7 +130,7 @@ export async function orderRoutes(app: FastifyInstance, ctx: RouteContext): Prom
     const run = request.idempotency;
     const idempotencyId = run?.id ?? null;
     if (idempotencyId !== null) {
-      const existing = byIdempotency.get(account, idempotencyId) as OrderRow | undefined;
+      const existing = sameOperation(byIdempotency.get(account, idempotencyId) as OrderRow | undefined, request.body);
       if (existing) return reply.code(201).header('location', `/orders/${existing.id}`).send(view(existing));
     }
     const { currency, items } = request.body;
@@ -171,7 +188,7 @@ export async function orderRoutes(app: FastifyInstance, ctx: RouteContext): Prom
       id: newId('ord'),
       status: 'paid',
       currency,
-      items: JSON.stringify(items),
+      items: itemsText(items),
       total,
       payment: payment.id,
       created: new Date().toISOString(),

@@ -13,6 +13,7 @@
  */
 import type { FastifyInstance, FastifyReply } from 'fastify';
 import type { RouteContext } from './app.js';
+import { FingerprintMismatchError } from 'oncely';
 import { newId, pause } from './db.js';
 import type { PaymentEvent } from './ledger/index.js';
 import { problem, ProblemError } from './problem.js';
@@ -79,6 +80,26 @@ function view(row: PaymentRow): Payment {
   return payment;
 }
 
+/**
+ * The payment an earlier run of this idempotency record made, if any. It
+ * must be the same payment: after the record's retention a key may run
+ * again, and then a different body under it is refused like a reused key.
+ */
+function sameOperation(existing: PaymentRow | undefined, body: PaymentBody): PaymentRow | undefined {
+  if (existing === undefined) return undefined;
+  if (
+    existing.amount !== body.amount ||
+    existing.currency !== body.currency ||
+    existing.customer !== (body.customer ?? null) ||
+    existing.description !== (body.description ?? null)
+  ) {
+    throw new FingerprintMismatchError(
+      `This Idempotency-Key already made payment ${existing.id}, for a different request; use a new key for a new payment.`,
+    );
+  }
+  return existing;
+}
+
 function created(reply: FastifyReply, payment: Payment): FastifyReply {
   return reply.code(201).header('location', `/payments/${payment.id}`).send(payment);
 }
@@ -98,7 +119,7 @@ export async function paymentRoutes(app: FastifyInstance, ctx: RouteContext): Pr
   /** Insert the payment and its outbox event atomically; answer an existing one for the same record id. */
   const charge = db.transaction((account: string, idempotencyId: string | null, body: PaymentBody): PaymentRow => {
     if (idempotencyId !== null) {
-      const existing = byIdempotency.get(account, idempotencyId) as PaymentRow | undefined;
+      const existing = sameOperation(byIdempotency.get(account, idempotencyId) as PaymentRow | undefined, body);
       if (existing) return existing;
     }
     const row: PaymentRow = {
@@ -132,7 +153,7 @@ export async function paymentRoutes(app: FastifyInstance, ctx: RouteContext): Pr
     const idempotencyId = run?.id ?? null;
     if (idempotencyId !== null) {
       // A re-executed request (takeover after a crash) answers with the payment already made.
-      const existing = byIdempotency.get(account, idempotencyId) as PaymentRow | undefined;
+      const existing = sameOperation(byIdempotency.get(account, idempotencyId) as PaymentRow | undefined, request.body);
       if (existing) return created(reply, view(existing));
     }
     // The slow payment provider (PAYMENT_DELAY_MS); stops when the lease is lost.

@@ -7,6 +7,7 @@
  * @module
  */
 import type { FastifyInstance } from 'fastify';
+import { FingerprintMismatchError } from 'oncely';
 import type { RouteContext } from './app.js';
 import { newId } from './db.js';
 import { problem, ProblemError } from './problem.js';
@@ -62,7 +63,20 @@ export async function tradeRoutes(app: FastifyInstance, ctx: RouteContext): Prom
   const execute = db.transaction((account: string, idempotencyId: string | null, body: TradeBody): Trade => {
     if (idempotencyId !== null) {
       const existing = byIdempotency.get(account, idempotencyId) as Trade | undefined;
-      if (existing) return existing;
+      if (existing) {
+        // After the record's retention the key may run again: only for the same trade.
+        const same =
+          existing.symbol === body.symbol &&
+          existing.side === body.side &&
+          existing.quantity === body.quantity &&
+          existing.price === body.price;
+        if (!same) {
+          throw new FingerprintMismatchError(
+            `This Idempotency-Key already executed trade ${existing.id}, for a different request; use a new key.`,
+          );
+        }
+        return existing;
+      }
     }
     const trade: Trade = {
       id: newId('trd'),

@@ -8,7 +8,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import http from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { IdempotencyStore } from 'oncely';
+import { type IdempotencyStore, recordId } from 'oncely';
 import { memoryStore } from 'oncely/stores/memory';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
@@ -622,6 +622,45 @@ describe('reference system variants', () => {
       const retry = await call(ref.url, 'POST', '/payments', { account, key, body: PAY });
       expect(retry.status, retry.text).toBe(201);
       expect(await paymentCount(ref.url, account)).toBe(1);
+    } finally {
+      await ref.close();
+    }
+  });
+
+  it('after a record expires, the key runs again: the same request gets the same payment, another one 422', async () => {
+    const store = memoryStore();
+    const ref = await startReference({ store, dataDir: tempDir(), port: 0 });
+    try {
+      const account = fresh('acct');
+      const key = fresh();
+      const orderKey = fresh();
+      const order = { currency: 'EUR', items: [{ sku: 'a', quantity: 2, price: 100 }] };
+      const first = await call(ref.url, 'POST', '/payments', { account, key, body: PAY });
+      const firstOrder = await call(ref.url, 'POST', '/orders', { account, key: orderKey, body: order });
+      const trade = { symbol: 'ACME', side: 'sell', quantity: 3, price: 9.5 };
+      const tradeKey = fresh();
+      const firstTrade = await call(ref.url, 'POST', '/execute-trade', { account, key: tradeKey, body: trade });
+      // Retention over: the records are gone (as after their TTL), the rows remain.
+      for (const k of [key, orderKey, tradeKey]) await store.delete(recordId(k, account));
+
+      const other = await call(ref.url, 'POST', '/payments', { account, key, body: { ...PAY, amount: 1 } });
+      expect(expectProblem(other, 422).detail).toContain(first.json().id as string);
+      await store.delete(recordId(key, account)); // the 422 was stored; forget it too
+      const same = await call(ref.url, 'POST', '/payments', { account, key, body: PAY });
+      expect(same.status).toBe(201);
+      expect(same.headers.get('idempotent-replayed')).toBeNull();
+      expect(same.json()).toEqual(first.json());
+
+      expectProblem(await call(ref.url, 'POST', '/orders', { account, key: orderKey, body: { ...order, currency: 'USD' } }), 422);
+      await store.delete(recordId(orderKey, account));
+      const sameOrder = await call(ref.url, 'POST', '/orders', { account, key: orderKey, body: order });
+      expect(sameOrder.json()).toEqual(firstOrder.json());
+
+      expectProblem(await call(ref.url, 'POST', '/execute-trade', { account, key: tradeKey, body: { ...trade, quantity: 4 } }), 422);
+      await store.delete(recordId(tradeKey, account));
+      expect((await call(ref.url, 'POST', '/execute-trade', { account, key: tradeKey, body: trade })).json()).toEqual(firstTrade.json());
+
+      expect(await paymentCount(ref.url, account)).toBe(2); // the payment and the order's payment
     } finally {
       await ref.close();
     }
