@@ -11,11 +11,16 @@ import { Redis } from 'ioredis';
 import { consumeAmqp } from 'oncely/consumer/amqp';
 import { consumeNats } from 'oncely/consumer/nats';
 import { consumeRedisStream } from 'oncely/consumer/redis-streams';
+import { redisStore } from 'oncely/stores/redis';
 import { sqliteStore } from 'oncely/stores/sqlite';
 import type { ChildConfig } from './helpers.js';
 
 const config = JSON.parse(process.argv[2]!) as ChildConfig;
-const store = sqliteStore({ database: new Database(config.dbPath) });
+// The shared store: a SQLite file (one machine) or Redis (server clock).
+const store =
+  config.store === 'redis'
+    ? redisStore({ client: new Redis({ host: '127.0.0.1', port: 6379 }), prefix: config.dbPath })
+    : sqliteStore({ database: new Database(config.dbPath) });
 const redis = new Redis({ host: '127.0.0.1', port: 6379 });
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 

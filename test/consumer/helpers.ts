@@ -23,8 +23,10 @@ export interface ChildConfig {
   broker: 'amqp' | 'nats' | 'redis';
   /** Queue (amqp), stream (redis) or stream/durable (nats: "STREAM/durable"). */
   target: string;
-  /** Shared SQLite store file. */
+  /** Shared SQLite store file, or the key prefix with `store: 'redis'`. */
   dbPath: string;
+  /** The shared store. Default `sqlite`. */
+  store?: 'sqlite' | 'redis';
   /** Consumer name. */
   name: string;
   /** Redis hash counting effects per message id. */

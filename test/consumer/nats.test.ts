@@ -154,13 +154,20 @@ describe('nats consumer (real JetStream)', () => {
     expect(released).toBe(1);
   });
 
-  it('a consumer killed (SIGKILL) inside a handler: the restarted one takes over, one effect', async () => {
+  it('a consumer killed (SIGKILL) inside a handler: the restarted one takes over, one effect (shared Redis store)', async () => {
     const { stream, subject } = await newStream();
-    const dbPath = join(tmpdir(), `oncely-nats-${suffix()}.db`);
-    files.push(dbPath);
+    const prefix = `oncely-test-store-${suffix()}`;
     const effectsKey = `oncely-test:effects:${suffix()}`;
     keys.push(effectsKey);
-    const base = { broker: 'nats' as const, target: `${stream}/d`, dbPath, name: 'killed', effectsKey, leaseMs: 1_000 };
+    const base = {
+      broker: 'nats' as const,
+      store: 'redis' as const,
+      target: `${stream}/d`,
+      dbPath: prefix,
+      name: 'killed',
+      effectsKey,
+      leaseMs: 1_000,
+    };
     const first = spawnConsumer({ ...base, slowId: 'k', slowMs: 60_000 });
     children.push(first);
     await first.waitForLine(/^ready$/);
@@ -181,6 +188,8 @@ describe('nats consumer (real JetStream)', () => {
     await sleep(1_500);
     expect(await redis.hgetall(effectsKey)).toEqual({ a: '1', k: '1', b: '1' });
     await second.kill();
+    const records = await redis.keys(`${prefix}:*`);
+    if (records.length > 0) await redis.del(...records);
   });
 
   it('two consumer processes on one durable consumer never handle a message twice', async () => {

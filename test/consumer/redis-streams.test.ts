@@ -211,13 +211,21 @@ describe('redis streams consumer (real Redis)', () => {
     await second.kill();
   });
 
-  it('two consumer processes in one group never handle a message twice', async () => {
+  it('two consumer processes in one group never handle a message twice (shared Redis store)', async () => {
     const stream = newStream();
-    const dbPath = join(tmpdir(), `oncely-streams-${suffix()}.db`);
-    files.push(dbPath);
+    const prefix = `oncely-test-store-${suffix()}`;
     const effectsKey = `oncely-test:effects:${suffix()}`;
     keys.push(effectsKey);
-    const base = { broker: 'redis' as const, target: stream, dbPath, name: 'pair', effectsKey, leaseMs: 5_000, workMs: 20 };
+    const base = {
+      broker: 'redis' as const,
+      store: 'redis' as const,
+      target: stream,
+      dbPath: prefix,
+      name: 'pair',
+      effectsKey,
+      leaseMs: 5_000,
+      workMs: 20,
+    };
     const pair = [spawnConsumer(base), spawnConsumer(base)];
     children.push(...pair);
     await Promise.all(pair.map((c) => c.waitForLine(/^ready$/)));
@@ -228,5 +236,8 @@ describe('redis streams consumer (real Redis)', () => {
     expect(Object.values(effects).every((n) => n === '1')).toBe(true);
     expect(pair.every((c) => c.lines.some((l) => l.startsWith('done ')))).toBe(true);
     await Promise.all(pair.map((c) => c.kill()));
+    const records = await redis.keys(`${prefix}:*`);
+    expect(records.length).toBe(20);
+    await redis.del(...records);
   });
 });
