@@ -123,7 +123,42 @@ export async function buildApp(options: ReferenceOptions = {}): Promise<FastifyI
     throw error;
   }
 
-  const app = Fastify({
+  let app: FastifyInstance;
+  try {
+    app = makeFastify(options);
+  } catch (error) {
+    await ledger?.stop();
+    db.close();
+    await opened?.close();
+    throw error;
+  }
+  // Closes what this function opened, once: on app.close(), or when building fails.
+  let cleaned = false;
+  const cleanup = async (): Promise<void> => {
+    if (cleaned) return;
+    cleaned = true;
+    try {
+      if (ledger) await ledger.stop();
+      await opened?.close();
+    } finally {
+      db.close();
+    }
+  };
+  app.addHook('onClose', cleanup);
+  try {
+    await setUp(app, options, { store, opened, db, ledger });
+    await app.ready();
+  } catch (error) {
+    await app.close().catch(() => {});
+    await cleanup().catch(() => {});
+    throw error;
+  }
+  return app;
+}
+
+/** The Fastify instance with the reference's server options. */
+function makeFastify(options: ReferenceOptions): FastifyInstance {
+  return Fastify({
     logger: options.logger ?? false,
     bodyLimit: options.bodyLimit ?? 1024 * 1024,
     // Amounts must be numbers, not strings that look like numbers: no coercion, nothing dropped silently.
@@ -133,6 +168,15 @@ export async function buildApp(options: ReferenceOptions = {}): Promise<FastifyI
     frameworkErrors: frameworkErrorProblem,
     clientErrorHandler: clientErrorProblem,
   });
+}
+
+/** Hooks, the oncely plugin and the routes. */
+async function setUp(
+  app: FastifyInstance,
+  options: ReferenceOptions,
+  parts: { store: IdempotencyStore; opened: OpenedStore | undefined; db: BusinessDb; ledger: Ledger | undefined },
+): Promise<void> {
+  const { store, opened, db, ledger } = parts;
   installProblemHandlers(app);
 
   // Graceful shutdown: requests arriving while closing are refused (nothing
@@ -209,18 +253,6 @@ export async function buildApp(options: ReferenceOptions = {}): Promise<FastifyI
       await ledger.start();
     });
   }
-  app.addHook('onClose', async () => {
-    if (ledger) await ledger.stop();
-    await opened?.close();
-    db.close();
-  });
-  try {
-    await app.ready();
-  } catch (error) {
-    await app.close().catch(() => {});
-    throw error;
-  }
-  return app;
 }
 
 /** A running reference system (see {@link startReference}). */

@@ -687,6 +687,23 @@ describe('reference system variants', () => {
   });
 });
 
+describe('start-up failures', () => {
+  it('a bad setting or a taken port rejects, leaving nothing open', async () => {
+    await expect(startReference({ storeUrl: 'memory:', dataDir: tempDir(), port: 0, leaseMs: -1 })).rejects.toThrow(/leaseMs/);
+    const ref = await startReference({ storeUrl: 'memory:', dataDir: tempDir(), port: 0 });
+    try {
+      const port = Number(new URL(ref.url).port);
+      const dir = tempDir();
+      await expect(startReference({ storeUrl: `sqlite:${join(dir, 'o.db')}`, dataDir: dir, port })).rejects.toThrow(/EADDRINUSE/);
+      // The failed instance closed its files: another can open them at once.
+      const again = await startReference({ storeUrl: `sqlite:${join(dir, 'o.db')}`, dataDir: dir, port: 0 });
+      await again.close();
+    } finally {
+      await ref.close();
+    }
+  });
+});
+
 describe('referenceOptionsFromEnv', () => {
   it('has the documented defaults', () => {
     expect(referenceOptionsFromEnv({})).toEqual({
