@@ -277,10 +277,11 @@ describe.concurrent('the reference server killed with SIGKILL and restarted on t
       if (answer.status === 409) conflicts++;
     }
     expect(answer.status, answer.text).toBe(201);
-    expect(conflicts).toBeGreaterThan(1);
+    expect(conflicts).toBeGreaterThanOrEqual(1);
     // Renewed every LEASE_MS/3, so the lease ends at most LEASE_MS after the kill; the rest is
-    // poll interval and request latency on a busy machine (a stuck key would never get through).
-    expect(sentAt - killedAt).toBeLessThanOrEqual(LEASE_MS + 1000);
+    // poll interval and request latency on a busy machine (a stuck key would never get through:
+    // it would stay in progress until its 24 h retention).
+    expect(sentAt - killedAt).toBeLessThanOrEqual(LEASE_MS + 2000);
     expect(await list(b.url, '/payments', account)).toHaveLength(1);
     await kill9(b);
   });
