@@ -234,7 +234,9 @@ export class Claim {
   readonly ttlMs: number;
   readonly #engine: Engine;
   readonly #leaseMs: number;
-  readonly #abort = new AbortController();
+  // Made on first use: most runs never look at their signal.
+  #abort: AbortController | undefined;
+  #lostReason: LeaseLostError | undefined;
   #timer: NodeJS.Timeout | undefined;
   #leaseUntil: number;
   #settled = false;
@@ -255,12 +257,22 @@ export class Claim {
 
   /** Aborts when the lease is lost; pass it to the work so that it can stop early. */
   get signal(): AbortSignal {
+    if (this.#abort === undefined) {
+      this.#abort = new AbortController();
+      if (this.#lostReason !== undefined) this.#abort.abort(this.#lostReason);
+    }
     return this.#abort.signal;
   }
 
   /** True once the lease is known lost: the outcome will not be stored. */
   get lost(): boolean {
-    return this.#abort.signal.aborted;
+    return this.#lostReason !== undefined;
+  }
+
+  #markLost(): void {
+    if (this.#lostReason !== undefined) return;
+    this.#lostReason = new LeaseLostError();
+    this.#abort?.abort(this.#lostReason);
   }
 
   #schedule(): void {
@@ -294,7 +306,7 @@ export class Claim {
 
   #lose(): void {
     this.#stop();
-    this.#abort.abort(new LeaseLostError());
+    this.#markLost();
   }
 
   #stop(): void {
@@ -323,7 +335,7 @@ export class Claim {
         if (ok) this.#engine.emit('stored', { id: this.id, bytes: outcome.length });
         else {
           this.#engine.emit('fenced', { id: this.id, operation: 'complete' });
-          this.#abort.abort(new LeaseLostError());
+          this.#markLost();
         }
         return ok;
       } catch (error) {

@@ -229,7 +229,9 @@ export class HttpIdempotency<R> {
         key,
         id,
         takeover: claim?.takeover ?? false,
-        signal: claim?.signal ?? neverAborted,
+        get signal() {
+          return claim?.signal ?? neverAborted;
+        },
         decide(decision) {
           run.decision = decision;
         },
