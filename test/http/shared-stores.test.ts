@@ -36,7 +36,10 @@ function counting(store: IdempotencyStore) {
       return original(...args);
     };
   }
-  return { store: wrapped, calls, reset: () => Object.keys(calls).forEach((k) => delete calls[k]) };
+  const reset = () => {
+    for (const k of Object.keys(calls)) delete calls[k];
+  };
+  return { store: wrapped, calls, reset };
 }
 
 async function post(app: TestApp, key: string, body: unknown = { amount: 1 }, headers: Record<string, string> = {}) {
