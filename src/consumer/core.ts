@@ -1,5 +1,6 @@
 import { Claim, Engine } from '../engine/engine.js';
 import { recordId } from '../engine/fingerprint.js';
+import { type Disposable, TypedEmitter } from '../engine/events.js';
 import type { ClaimInput, ClaimResult, IdempotencyStore } from '../engine/store.js';
 import { ConfigError, InFlightError, StoreUnavailableError } from '../errors/index.js';
 
@@ -263,7 +264,7 @@ export class IdempotentConsumer<M> {
   readonly engine: Engine;
   readonly #handler: ConsumerHandler<M>;
   readonly #workingIntervalMs: number;
-  readonly #listeners = new Map<ConsumerEventName, Set<(event: never) => void>>();
+  readonly #events = new TypedEmitter<ConsumerEvents>();
   readonly #engineListener: { dispose(): void };
 
   constructor(options: ConsumerOptions<M>) {
@@ -286,7 +287,7 @@ export class IdempotentConsumer<M> {
     }
     // Store failures seen by the engine (renewals, completions) surface as consumer events too.
     this.#engineListener = this.engine.on('storeError', (event) =>
-      this.#emit('storeError', { ...event, recordId: event.id, id: undefined }),
+      this.#events.emit('storeError', { ...event, recordId: event.id, id: undefined }),
     );
   }
 
@@ -316,32 +317,13 @@ export class IdempotentConsumer<M> {
    * consumer.on('duplicate', ({ id }) => metrics.increment('duplicates'));
    * ```
    */
-  on<E extends ConsumerEventName>(name: E, listener: (event: ConsumerEvents[E]) => void): { dispose(): void } {
-    let set = this.#listeners.get(name);
-    if (set === undefined) {
-      set = new Set();
-      this.#listeners.set(name, set);
-    }
-    const fn = listener as (event: never) => void;
-    set.add(fn);
-    return { dispose: () => set.delete(fn) };
+  on<E extends ConsumerEventName>(name: E, listener: (event: ConsumerEvents[E]) => void): Disposable {
+    return this.#events.on(name, listener);
   }
 
   /** @internal Emit an event; used by adapters for what they observe. */
   emit<E extends ConsumerEventName>(name: E, event: ConsumerEvents[E]): void {
-    this.#emit(name, event);
-  }
-
-  #emit<E extends ConsumerEventName>(name: E, event: ConsumerEvents[E]): void {
-    const set = this.#listeners.get(name);
-    if (set === undefined) return;
-    for (const listener of set) {
-      try {
-        (listener as (e: ConsumerEvents[E]) => void)(event);
-      } catch {
-        // Metrics and logs must never break message handling.
-      }
-    }
+    this.#events.emit(name, event);
   }
 
   /**
@@ -397,7 +379,7 @@ export class IdempotentConsumer<M> {
         // A copy inside the same batch: it follows the first copy.
         verdict = earlier.then((first) => {
           const action: ConsumerAction = shouldAcknowledge(first) ? 'duplicate' : first.action === 'failed' ? 'skipped' : first.action;
-          if (action === 'duplicate') this.#emit('duplicate', { id: item.id, recordId: rid });
+          if (action === 'duplicate') this.#events.emit('duplicate', { id: item.id, recordId: rid });
           return { ...first, action, id: item.id, error: undefined };
         });
       } else {
@@ -469,14 +451,14 @@ export class IdempotentConsumer<M> {
   ): Promise<ConsumerVerdict | Ran> {
     if (result.status === 'completed') {
       this.engine.emit('replayed', { id: rid });
-      this.#emit('duplicate', { id, recordId: rid });
+      this.#events.emit('duplicate', { id, recordId: rid });
       return { action: 'duplicate', id, recordId: rid };
     }
     if (result.status === 'in_progress' || claim === undefined) {
       const leaseUntil = result.status === 'in_progress' ? result.leaseUntil : 0;
       const now = result.status === 'in_progress' ? result.now : 0;
       this.engine.emit('conflict', { id: rid, leaseUntil });
-      this.#emit('inFlight', { id, recordId: rid, leaseUntil });
+      this.#events.emit('inFlight', { id, recordId: rid, leaseUntil });
       return {
         action: 'in_flight',
         id,
@@ -493,14 +475,14 @@ export class IdempotentConsumer<M> {
     } catch (error) {
       clearInterval(ticker);
       await claim.release('handler failed');
-      this.#emit('released', { id, recordId: rid, error });
+      this.#events.emit('released', { id, recordId: rid, error });
       return { action: 'failed', id, recordId: rid, error };
     }
     clearInterval(ticker);
     if (claim.lost) {
       // The new owner decides; a redelivery will learn its outcome.
       await claim.release('lease lost');
-      this.#emit('fenced', { id, recordId: rid });
+      this.#events.emit('fenced', { id, recordId: rid });
       return { action: 'fenced', id, recordId: rid };
     }
     return { claim, id, rid, started };
@@ -517,10 +499,10 @@ export class IdempotentConsumer<M> {
       return { action: 'store_error', id, recordId: rid, error };
     }
     if (!stored) {
-      this.#emit('fenced', { id, recordId: rid });
+      this.#events.emit('fenced', { id, recordId: rid });
       return { action: 'fenced', id, recordId: rid };
     }
-    this.#emit('processed', { id, recordId: rid, takeover: claim.takeover, ms: Date.now() - started });
+    this.#events.emit('processed', { id, recordId: rid, takeover: claim.takeover, ms: Date.now() - started });
     return { action: 'processed', id, recordId: rid, takeover: claim.takeover };
   }
 
@@ -530,10 +512,10 @@ export class IdempotentConsumer<M> {
       try {
         const out = working();
         if (out && typeof (out as Promise<unknown>).then === 'function') {
-          (out as Promise<unknown>).then(undefined, (error: unknown) => this.#emit('workingError', { id, error }));
+          (out as Promise<unknown>).then(undefined, (error: unknown) => this.#events.emit('workingError', { id, error }));
         }
       } catch (error) {
-        this.#emit('workingError', { id, error });
+        this.#events.emit('workingError', { id, error });
       }
     }, this.#workingIntervalMs);
     timer.unref();

@@ -33,20 +33,15 @@ export interface Disposable {
 export type OncelyHooks = { [E in OncelyEventName]?: OncelyListener<E> };
 
 /**
- * A minimal typed event emitter. Listener errors are swallowed so that
- * logging or metrics can never break a request.
+ * A minimal typed event emitter over an event map (name → payload).
+ * Listener errors are swallowed so that logging or metrics can never break
+ * the request or message they observe.
  */
-export class OncelyEmitter {
-  readonly #listeners = new Map<OncelyEventName, Set<(event: never) => void>>();
-
-  constructor(hooks: OncelyHooks = {}) {
-    for (const [name, listener] of Object.entries(hooks)) {
-      if (typeof listener === 'function') this.on(name as OncelyEventName, listener as OncelyListener<OncelyEventName>);
-    }
-  }
+export class TypedEmitter<M extends object> {
+  readonly #listeners = new Map<keyof M, Set<(event: never) => void>>();
 
   /** Subscribe to one event; dispose the result to unsubscribe. */
-  on<E extends OncelyEventName>(name: E, listener: OncelyListener<E>): Disposable {
+  on<E extends keyof M>(name: E, listener: (event: M[E]) => void): Disposable {
     let set = this.#listeners.get(name);
     if (set === undefined) {
       set = new Set();
@@ -58,15 +53,25 @@ export class OncelyEmitter {
   }
 
   /** Emit an event to its listeners. */
-  emit<E extends OncelyEventName>(name: E, event: OncelyEvents[E]): void {
+  emit<E extends keyof M>(name: E, event: M[E]): void {
     const set = this.#listeners.get(name);
     if (set === undefined) return;
     for (const listener of set) {
       try {
-        (listener as OncelyListener<E>)(event);
+        (listener as (event: M[E]) => void)(event);
       } catch {
-        // A broken listener must not break the request it observes.
+        // A broken listener must not break what it observes.
       }
+    }
+  }
+}
+
+/** The engine's emitter, taking its first listeners as {@link OncelyHooks}. */
+export class OncelyEmitter extends TypedEmitter<OncelyEvents> {
+  constructor(hooks: OncelyHooks = {}) {
+    super();
+    for (const [name, listener] of Object.entries(hooks)) {
+      if (typeof listener === 'function') this.on(name as OncelyEventName, listener as OncelyListener<OncelyEventName>);
     }
   }
 }

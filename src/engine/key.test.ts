@@ -21,7 +21,7 @@ describe('parseIdempotencyKey', () => {
     ['', /empty/],
     ['""', /empty/],
     ['k'.repeat(256), /256 characters/],
-    ['"' + 'k'.repeat(256) + '"', /256 characters/],
+    [`"${'k'.repeat(256)}"`, /256 characters/],
     ['caf\u00e9', /visible ASCII/],
     ['a b', /visible ASCII/],
     ['"a b"', /visible ASCII/],
