@@ -241,7 +241,10 @@ export class Claim {
   #leaseUntil: number;
   #settled = false;
 
-  /** @internal Made by {@link Engine.begin}. */
+  /**
+   * Made by {@link Engine.begin}, or by a front door that won a claim in a
+   * batch (`claimMany`): it starts renewing the lease at once.
+   */
   constructor(engine: Engine, id: string, token: string, takeover: boolean, leaseMs: number, ttlMs: number) {
     this.#engine = engine;
     this.id = id;
