@@ -25,6 +25,7 @@ import {
   type IdempotencyContext,
 } from '../http/core.js';
 import type { HttpResponse } from '../http/outcome.js';
+import { fieldLines } from '../http/headers.js';
 
 export type { IdempotencyContext, RouteOverrides } from '../http/core.js';
 export type { OutcomeDecision } from '../http/policy.js';
@@ -229,7 +230,7 @@ export function idempotency(options: ExpressIdempotencyOptions) {
         method: req.method,
         path: q < 0 ? url : url.slice(0, q),
         query: q < 0 ? '' : url.slice(q + 1),
-        header: (name) => req.headersDistinct[name],
+        header: (name) => fieldLines(req.headers[name]),
         body,
       });
       if (begun.kind === 'pass') return next();

@@ -24,6 +24,7 @@ import {
   type RouteOverrides,
 } from '../http/core.js';
 import type { HttpResponse } from '../http/outcome.js';
+import { fieldLines } from '../http/headers.js';
 
 export type { IdempotencyContext, RouteOverrides } from '../http/core.js';
 export type { OutcomeDecision } from '../http/policy.js';
@@ -91,7 +92,7 @@ export async function oncely(fastify: FastifyInstance, options: FastifyIdempoten
         method: request.method,
         path: q < 0 ? url : url.slice(0, q),
         query: q < 0 ? '' : url.slice(q + 1),
-        header: (name) => request.raw.headersDistinct[name],
+        header: (name) => fieldLines(request.headers[name]),
         body: bodyOf(request),
       },
       route ?? {},
