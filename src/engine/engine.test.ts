@@ -128,7 +128,11 @@ describe('Engine', () => {
   it('turns a slow or failing store into StoreUnavailableError and reports it', async () => {
     const store = memoryStore();
     const errors: string[] = [];
-    const slow: IdempotencyStore = { ...store, claim: () => new Promise(() => {}) };
+    const slow: IdempotencyStore = {
+      ...store,
+      capabilities: { ...store.capabilities, synchronous: false },
+      claim: () => new Promise(() => {}),
+    };
     const engine = new Engine({ store: slow, storeTimeoutMs: 50, hooks: { storeError: (e) => errors.push(e.operation) } });
     await expect(engine.begin({ id: id(), fingerprint: null })).rejects.toMatchObject({ code: 'ONCELY_STORE_UNAVAILABLE', status: 503 });
     expect(errors).toEqual(['claim']);

@@ -96,6 +96,7 @@ export class Engine {
   /** Whether to run without idempotency when the store is down. */
   readonly failOpen: boolean;
   readonly #events: OncelyEmitter;
+  readonly #synchronous: boolean;
 
   constructor(options: EngineOptions) {
     const { store, leaseMs = 30_000, ttlMs = 24 * 60 * 60 * 1000, storeTimeoutMs = 2_000, wait = false } = options;
@@ -115,6 +116,7 @@ export class Engine {
     this.wait = wait;
     this.failOpen = options.failOpen ?? false;
     this.#events = new OncelyEmitter(options.hooks);
+    this.#synchronous = store.capabilities?.synchronous === true;
   }
 
   /** Subscribe to an engine event (for logs and metrics); dispose the result to stop. */
@@ -133,14 +135,24 @@ export class Engine {
    * @internal
    */
   storeCall<T>(id: string | undefined, operation: string, call: () => Promise<T>): Promise<T> {
+    if (this.#synchronous) {
+      let pending: Promise<T>;
+      try {
+        pending = call();
+      } catch (error) {
+        return Promise.reject(this.#storeFailed(id, operation, error));
+      }
+      return pending.catch((error: unknown) => {
+        throw this.#storeFailed(id, operation, error);
+      });
+    }
     return new Promise<T>((resolve, reject) => {
       let settled = false;
       const fail = (error: unknown): void => {
         if (settled) return;
         settled = true;
         clearTimeout(timer);
-        this.#events.emit('storeError', { id, operation, error });
-        reject(isOncelyError(error) ? error : new StoreUnavailableError(undefined, { cause: error }));
+        reject(this.#storeFailed(id, operation, error));
       };
       const timer = setTimeout(
         () => fail(new Error(`${this.store.name} store did not answer ${operation} within ${this.storeTimeoutMs} ms`)),
@@ -160,6 +172,11 @@ export class Engine {
         resolve(value);
       }, fail);
     });
+  }
+
+  #storeFailed(id: string | undefined, operation: string, error: unknown): unknown {
+    this.#events.emit('storeError', { id, operation, error });
+    return isOncelyError(error) ? error : new StoreUnavailableError(undefined, { cause: error });
   }
 
   /**

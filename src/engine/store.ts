@@ -91,6 +91,12 @@ export interface StoreCapabilities {
   readonly serverClock: boolean;
   /** Several processes can share the store. */
   readonly shared: boolean;
+  /**
+   * Every operation finishes inside this process without waiting on I/O
+   * (memory, SQLite through better-sqlite3). The engine then calls it
+   * without a timeout timer: such a call returns before any timer could fire.
+   */
+  readonly synchronous?: boolean;
 }
 
 /**

@@ -50,7 +50,7 @@ export interface MemoryStore extends IdempotencyStore {
   readonly bytes: number;
 }
 
-const CAPABILITIES: StoreCapabilities = { nativeTtl: false, serverClock: false, shared: false };
+const CAPABILITIES: StoreCapabilities = { nativeTtl: false, serverClock: false, shared: false, synchronous: true };
 
 /** Create an in-memory store. See the module documentation for its bounds. */
 export function memoryStore(options: MemoryStoreOptions = {}): MemoryStore {

@@ -129,7 +129,7 @@ export interface SqliteStore extends IdempotencyStore {
   readonly table: string;
 }
 
-const CAPABILITIES: StoreCapabilities = { nativeTtl: false, serverClock: false, shared: true };
+const CAPABILITIES: StoreCapabilities = { nativeTtl: false, serverClock: false, shared: true, synchronous: true };
 const IDENTIFIER = /^[A-Za-z_][A-Za-z0-9_]{0,62}$/;
 const IN_PROGRESS = 0;
 const COMPLETED = 1;
