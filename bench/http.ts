@@ -14,12 +14,13 @@
  * Prints a table and writes it into docs/benchmarks.md (section "http").
  * Not a test: nothing here asserts on time.
  */
+import { execSync } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { cpus, loadavg } from 'node:os';
 import { Redis } from 'ioredis';
 import { counts, fmtRange, load, type Path, type RunResult, redisCpuUs, send, summarise, table } from './lib/load.js';
 import { machine } from './lib/machine.js';
-import { type Server, startServer, stopAllOnExit } from './lib/spawn.js';
+import { ROOT, type Server, startServer, stopAllOnExit } from './lib/spawn.js';
 import { writeSection } from './lib/doc.js';
 
 const ROUNDS = Number(process.env.ROUNDS ?? 5);
@@ -56,6 +57,10 @@ interface Sample extends RunResult {
 
 const started = Date.now();
 const load0 = loadavg();
+// The code measured: servers load src/ when they start, so record it now.
+const commit = `${execSync('git rev-parse --short HEAD', { cwd: ROOT, encoding: 'utf8' }).trim()}${
+  execSync('git status --porcelain src', { cwd: ROOT, encoding: 'utf8' }).trim() ? ' plus uncommitted changes in src/' : ''
+}`;
 const servers: Server[] = [];
 stopAllOnExit(servers);
 // Reads Redis's own CPU time (INFO cpu) around each round.
@@ -163,7 +168,7 @@ const head = ['path', 'server', 'req/s median (range)', 'ratio to bare', 'server
 const md = [
   '## oncely on Fastify: stores against bare Fastify',
   '',
-  `Command: \`npm run bench\` (\`node --conditions=source --import tsx bench/http.ts\`), ${ROUNDS} rounds × ${DURATION} s after a ${WARMUP} s warm-up, ${CONNECTIONS} connections, run ${new Date().toISOString().slice(0, 16)}Z, ${Math.round((Date.now() - started) / 1000)} s in all.`,
+  `Command: \`npm run bench\` (\`node --conditions=source --import tsx bench/http.ts\`), ${ROUNDS} rounds × ${DURATION} s after a ${WARMUP} s warm-up, ${CONNECTIONS} connections, oncely at commit ${commit}, run ${new Date().toISOString().slice(0, 16)}Z, ${Math.round((Date.now() - started) / 1000)} s in all.`,
   'Miss: a new `Idempotency-Key` on every request. Replay: one key, primed before the rounds.',
   'Ratios are per round (contestants run back to back, order rotating), then median and range across rounds.',
   'Store calls are counted by a wrapper around the store inside each server.',

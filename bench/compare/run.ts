@@ -34,6 +34,10 @@ const RUN = randomUUID().slice(0, 8);
 const NS = `cmp-${RUN}`;
 const started = Date.now();
 const load0 = loadavg();
+// The code measured: servers load src/ when they start, so record it now.
+const commit = `${execSync('git rev-parse --short HEAD', { cwd: ROOT, encoding: 'utf8' }).trim()}${
+  execSync('git status --porcelain src', { cwd: ROOT, encoding: 'utf8' }).trim() ? ' plus uncommitted changes in src/' : ''
+}`;
 
 type Framework = 'Fastify' | 'Express';
 interface Contestant {
@@ -335,7 +339,6 @@ const version = (dir: string, pkg: string) => {
   }
 };
 const compareDir = join(ROOT, 'bench', 'compare');
-const commit = execSync('git rev-parse --short HEAD', { cwd: ROOT, encoding: 'utf8' }).trim();
 
 const tpRows: string[][] = [];
 const medianRps = new Map<string, number>();
