@@ -109,7 +109,7 @@ export async function makeStore(kind: StoreKind, prefix: string): Promise<BenchS
 
 /** SCAN and delete the keys matching `pattern` (never FLUSHDB: Redis is shared). */
 export async function deleteKeys(
-  client: { scan(cursor: string, ...args: (string | number)[]): Promise<[string, string[]]>; del(...keys: string[]): Promise<number> },
+  client: import('ioredis').Redis,
   pattern: string,
 ): Promise<number> {
   let cursor = '0';
