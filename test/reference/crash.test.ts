@@ -4,76 +4,20 @@
  * A retry with the same key is answered correctly, the payment is made
  * exactly once, and no key stays stuck beyond its lease.
  */
-import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { afterAll, describe, it } from 'vitest';
+import { kill9, killAllServers, startServer } from '../support/reference-process.js';
 
-const ROOT = join(import.meta.dirname, '..', '..');
 const LEASE_MS = 1000;
-const children = new Set<ChildProcess>();
 const dirs: string[] = [];
 
 afterAll(() => {
-  for (const child of children) if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+  killAllServers();
   for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
 });
-
-interface Server {
-  url: string;
-  child: ChildProcess;
-  output: () => string;
-}
-
-/** Start `reference/main.ts` with `env` (PORT=0) and wait for its "listening on" line. */
-function startServer(dir: string, env: Record<string, string>): Promise<Server> {
-  const child = spawn(process.execPath, ['--conditions=source', '--import', 'tsx', 'reference/main.ts'], {
-    cwd: ROOT,
-    env: {
-      ...process.env,
-      PORT: '0',
-      HOST: '127.0.0.1',
-      STORE_URL: `sqlite:${join(dir, 'oncely.db')}`,
-      DATA_DIR: dir,
-      LEASE_MS: String(LEASE_MS),
-      ...env,
-    },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  children.add(child);
-  let out = '';
-  const output = () => out;
-  return new Promise((resolve, reject) => {
-    // Generous: a cold tsx start on a loaded CI machine can take many seconds.
-    const timer = setTimeout(() => reject(new Error(`server did not start in 45 s:\n${out}`)), 45_000);
-    const onData = (chunk: Buffer) => {
-      out += chunk.toString();
-      const match = /listening on (http:\/\/\S+)/.exec(out);
-      if (match) {
-        clearTimeout(timer);
-        resolve({ url: match[1]!, child, output });
-      }
-    };
-    child.stdout!.on('data', onData);
-    child.stderr!.on('data', (chunk: Buffer) => {
-      out += chunk.toString();
-    });
-    child.on('exit', (code, signal) => {
-      clearTimeout(timer);
-      reject(new Error(`server exited (${code ?? signal}) before listening:\n${out}`));
-    });
-  });
-}
-
-function kill9(server: Server): Promise<void> {
-  return new Promise((resolve) => {
-    if (server.child.exitCode !== null || server.child.signalCode !== null) return resolve();
-    server.child.once('exit', () => resolve());
-    server.child.kill('SIGKILL');
-  });
-}
 
 interface Answer {
   status: number;
