@@ -20,11 +20,22 @@ export interface StartOptions {
   readyTimeoutMs?: number;
 }
 
-/** Run `file` (relative to the repo root) with tsx and the `source` condition. */
+/**
+ * Run `file` (relative to the repo root) with tsx. oncely itself is loaded
+ * from the compiled `dist/` (run `npm run build` first), as users run it:
+ * tsx wraps every closure in a naming helper, which would charge oncely's
+ * per-request closures a cost no user pays. `ONCELY_FROM=source` loads src/.
+ */
 export async function startServer(name: string, file: string, options: StartOptions = {}): Promise<Server> {
   const child = spawn(
     process.execPath,
-    [...(options.nodeFlags ?? []), '--conditions=source', '--import', 'tsx', file],
+    [
+      ...(options.nodeFlags ?? []),
+      ...(process.env.ONCELY_FROM === 'source' ? ['--conditions=source'] : []),
+      '--import',
+      'tsx',
+      file,
+    ],
     { cwd: ROOT, env: { ...process.env, PORT: '0', ...options.env }, stdio: ['ignore', 'pipe', 'inherit'] },
   );
   const port = await new Promise<number>((resolve, reject) => {
