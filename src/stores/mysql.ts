@@ -33,6 +33,7 @@ import type {
   StoredRecord,
 } from '../engine/store.js';
 import { newToken } from '../engine/token.js';
+import { inBatchOrder } from './batch.js';
 import { ConfigError, StoreUnavailableError } from '../errors/index.js';
 
 /**
@@ -357,16 +358,7 @@ export function mysqlStore(options: MysqlStoreOptions): MysqlStore {
         pending = pending.filter((id) => !results.has(id));
       }
       if (pending.length > 0) throw unsettled();
-      const seen = new Set<string>();
-      return ids.map((id) => {
-        const result = results.get(id) as ClaimResult;
-        if (seen.has(id) && result.status === 'acquired') {
-          const now = result.leaseUntil - Math.round(input.leaseMs);
-          return { status: 'in_progress', fingerprint: input.fingerprint, leaseUntil: result.leaseUntil, now };
-        }
-        seen.add(id);
-        return result;
-      });
+      return inBatchOrder(ids, results, input);
     },
     async renew(id, token, leaseMs) {
       // mysql2 connects with CLIENT_FOUND_ROWS by default: affectedRows counts matched rows.

@@ -32,6 +32,7 @@ import type {
   StoredRecord,
 } from '../engine/store.js';
 import { newToken } from '../engine/token.js';
+import { inBatchOrder } from './batch.js';
 import { ConfigError, StoreUnavailableError } from '../errors/index.js';
 
 /**
@@ -336,15 +337,7 @@ SELECT false, c.id, false, c.lease_until, c.state, c.fingerprint, c.expires_at, 
         pending = pending.filter((id) => !results.has(id));
       }
       if (pending.length > 0) throw unsettled();
-      const seen = new Set<string>();
-      return ids.map((id) => {
-        const result = results.get(id) as ClaimResult;
-        if (seen.has(id) && result.status === 'acquired') {
-          return { status: 'in_progress', fingerprint: input.fingerprint, leaseUntil: result.leaseUntil, now: result.leaseUntil - Math.round(input.leaseMs) };
-        }
-        seen.add(id);
-        return result;
-      });
+      return inBatchOrder(ids, results, input);
     },
     async renew(id, token, leaseMs) {
       return ((await run('renew', renewSql, [id, token, Math.round(leaseMs)])).rowCount ?? 0) === 1;
