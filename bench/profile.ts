@@ -63,18 +63,21 @@ function report(file: string, label: string): void {
       if (f.functionName === '(idle)') idle = true;
       if (/modules\/(esm|cjs)|tsx/.test(f.url)) startup = true;
       const w = where(f.url);
-      if (w.startsWith('src/')) seen.add(`${w}:${f.lineNumber + 1} ${f.functionName || '(anonymous)'}`);
-      if (w.startsWith('src/')) seen.add(`${w} (file)`);
+      // The servers load oncely from dist/ (compiled) or src/ (under tsx).
+      if (w.startsWith('src/') || w.startsWith('dist/')) {
+        seen.add(`${w}:${f.lineNumber + 1} ${f.functionName || '(anonymous)'}`);
+        seen.add(`${w} (file)`);
+      }
     }
     if (idle || startup) continue;
     busy += 1;
-    if (seen.size > 0) seen.add('any oncely frame (src/) on the stack');
+    if (seen.size > 0) seen.add('any oncely frame on the stack');
     for (const name of seen) inclusive.set(name, (inclusive.get(name) ?? 0) + 1);
   }
   const total = profile.samples.length;
   const pct = (n: number) => `${((100 * n) / total).toFixed(1).padStart(5)}%`;
   const pctBusy = (n: number) => `${((100 * n) / busy).toFixed(1).padStart(5)}%`;
-  console.log(`\n### ${label}: oncely code (src/), inclusive time as % of ${busy} busy samples (idle and start-up excluded)`);
+  console.log(`\n### ${label}: oncely code (src/ or dist/), inclusive time as % of ${busy} busy samples (idle and start-up excluded)`);
   for (const [name, n] of [...inclusive].sort((a, b) => b[1] - a[1]).slice(0, TOP)) console.log(`${pctBusy(n)}  ${name}`);
   console.log(`\n### ${label}: top ${TOP} functions by self time (${total} samples)`);
   for (const [name, n] of [...self].sort((a, b) => b[1] - a[1]).slice(0, TOP)) console.log(`${pct(n)}  ${name}`);

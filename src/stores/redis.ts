@@ -5,8 +5,9 @@
  * client is recognised by its shape.
  *
  * Every operation is one Lua script (EVALSHA, falling back to EVAL once per
- * server when the script cache is empty), so each is atomic and costs one
- * round trip. Lease deadlines come from the Redis server's `TIME`; records
+ * server when the script cache is empty), so each is atomic and costs at
+ * most one round trip: writes asked for in the same turn of the event loop
+ * share one script call. Lease deadlines come from the Redis server's `TIME`; records
  * expire by native TTL. See `docs/stores/redis.md` for the failure modes
  * (failover, eviction, persistence) and the client settings that make an
  * outage fail fast.
@@ -106,10 +107,19 @@ export interface RedisStoreOptions {
   /**
    * Whether `client` talks to a Redis Cluster. Detected (ioredis `isCluster`,
    * node-redis cluster methods); set it only for a wrapped client. On a
-   * cluster, `claimMany` sends one script per id, all at once, instead of one
-   * script for the batch, because one script cannot touch keys in different slots.
+   * cluster every operation is its own script (the client pipelines them),
+   * because one script cannot touch keys in different slots.
    */
   cluster?: boolean;
+  /**
+   * Send the writes (claim, renew, complete, release) that are asked for in
+   * the same turn of the event loop as one script, in the order they were
+   * asked: one round trip instead of one each. Under load this is most of
+   * the store's cost saved; a lone request waits for nothing (the batch goes
+   * out at the end of the current turn, `setImmediate`). Ignored on a
+   * cluster. Default `true`.
+   */
+  coalesce?: boolean;
 }
 
 /**
@@ -133,6 +143,11 @@ export interface RedisStore extends IdempotencyStore {
 
 const CAPABILITIES: StoreCapabilities = { nativeTtl: true, serverClock: true, shared: true };
 
+// Arguments per operation in a batch: its letter and up to four arguments.
+const STRIDE = 5;
+// Operations sent in one script at most; a longer queue goes in several.
+const MAX_BATCH = 256;
+
 // Record layout: one hash per record, key `<prefix>:{<id>}` (the braces make
 // the id the hash tag, so a record never spans slots).
 //   s  state: 'p' in progress, 'c' completed
@@ -153,73 +168,96 @@ end
 local function int(n) return string.format('%d', n) end
 `;
 
-// KEYS: the records; ARGV: fingerprint, leaseMs, ttlMs, then one token per key.
-// Answers one entry per key:
-//   {'a', leaseUntil, takeover}  acquired (with the token passed for that key)
+// One function per write operation; every one takes the batch's clock
+// reading `now` (all operations in one script run at the same instant).
+//
+// claim answers
+//   {'a', leaseUntil, takeover}  acquired (with the token passed for it)
 //   {'c', fingerprint, expiresAt, outcome}
 //   {'p', fingerprint, leaseUntil, now}
-const CLAIM = `${PRELUDE}
-local fp = ARGV[1]
-local lease = tonumber(ARGV[2])
-local keep = math.max(tonumber(ARGV[3]), lease)
-local now = now_ms()
-local out = {}
-for i, key in ipairs(KEYS) do
-  local token = ARGV[3 + i]
+// renew, complete and release answer 1 when they changed the record, else 0.
+const OPERATIONS = `
+local function claim(key, token, fp, lease, keep, now)
   local r = redis.call('HMGET', key, 's', 't', 'f', 'l', 'e', 'o', 'k')
   if not r[1] then
     redis.call('HSET', key, 's', 'p', 't', token, 'f', fp, 'l', int(now + lease), 'e', int(now + keep), 'k', '0')
     redis.call('PEXPIREAT', key, int(now + keep))
-    out[i] = {'a', now + lease, 0}
+    return {'a', now + lease, 0}
   elseif r[1] == 'c' then
-    out[i] = {'c', r[3] or '-', tonumber(r[5]) or 0, r[6] or ''}
+    return {'c', r[3] or '-', tonumber(r[5]) or 0, r[6] or ''}
+  end
+  local l = tonumber(r[4]) or 0
+  if r[2] == token then
+    -- This very claim already ran (the client resent it after a lost reply).
+    return {'a', l, tonumber(r[7]) or 0}
+  elseif l <= now and r[3] == fp then
+    local e = math.max(tonumber(r[5]) or 0, now + keep)
+    redis.call('HSET', key, 't', token, 'l', int(now + lease), 'e', int(e), 'k', '1')
+    redis.call('PEXPIREAT', key, int(e))
+    return {'a', now + lease, 1}
+  end
+  return {'p', r[3] or '-', l, now}
+end
+
+local function renew(key, token, lease, now)
+  local r = redis.call('HMGET', key, 's', 't', 'e')
+  if r[1] ~= 'p' or r[2] ~= token then return 0 end
+  local l = now + lease
+  local e = math.max(tonumber(r[3]) or 0, l)
+  redis.call('HSET', key, 'l', int(l), 'e', int(e))
+  redis.call('PEXPIREAT', key, int(e))
+  return 1
+end
+
+-- No lease check: the owner may still complete after its deadline until
+-- someone takes over.
+local function complete(key, token, outcome, ttl, now)
+  local r = redis.call('HMGET', key, 's', 't')
+  if r[1] ~= 'p' or r[2] ~= token then return 0 end
+  local e = now + ttl
+  redis.call('HSET', key, 's', 'c', 'o', outcome, 'e', int(e))
+  redis.call('HDEL', key, 't', 'l', 'k')
+  redis.call('PEXPIREAT', key, int(e))
+  return 1
+end
+
+local function release(key, token)
+  local r = redis.call('HMGET', key, 's', 't')
+  if r[1] ~= 'p' or r[2] ~= token then return 0 end
+  redis.call('DEL', key)
+  return 1
+end
+`;
+
+// The one script behind claim, claimMany, renew, complete and release: a
+// batch of operations, one key each, run in order. KEYS: one per operation;
+// ARGV: ${STRIDE} per operation, the operation's letter then its arguments
+// (padded with empty strings):
+//   c token fingerprint leaseMs ttlMs   claim
+//   n token leaseMs                     renew
+//   m token outcome ttlMs               complete
+//   x token                             release
+// Answers one entry per operation, in order.
+const BATCH = `${PRELUDE}${OPERATIONS}
+local now = now_ms()
+local out = {}
+for i, key in ipairs(KEYS) do
+  local b = (i - 1) * ${STRIDE}
+  local op = ARGV[b + 1]
+  if op == 'c' then
+    local lease = tonumber(ARGV[b + 4])
+    out[i] = claim(key, ARGV[b + 2], ARGV[b + 3], lease, math.max(tonumber(ARGV[b + 5]), lease), now)
+  elseif op == 'n' then
+    out[i] = renew(key, ARGV[b + 2], tonumber(ARGV[b + 3]), now)
+  elseif op == 'm' then
+    out[i] = complete(key, ARGV[b + 2], ARGV[b + 3], tonumber(ARGV[b + 4]), now)
+  elseif op == 'x' then
+    out[i] = release(key, ARGV[b + 2])
   else
-    local l = tonumber(r[4]) or 0
-    if r[2] == token then
-      -- This very claim already ran (the client resent it after a lost reply).
-      out[i] = {'a', l, tonumber(r[7]) or 0}
-    elseif l <= now and r[3] == fp then
-      local e = math.max(tonumber(r[5]) or 0, now + keep)
-      redis.call('HSET', key, 't', token, 'l', int(now + lease), 'e', int(e), 'k', '1')
-      redis.call('PEXPIREAT', key, int(e))
-      out[i] = {'a', now + lease, 1}
-    else
-      out[i] = {'p', r[3] or '-', l, now}
-    end
+    return redis.error_reply('oncely: unknown operation ' .. tostring(op))
   end
 end
 return out
-`;
-
-// KEYS[1]; ARGV: token, leaseMs. 1 when renewed.
-const RENEW = `${PRELUDE}
-local r = redis.call('HMGET', KEYS[1], 's', 't', 'e')
-if r[1] ~= 'p' or r[2] ~= ARGV[1] then return 0 end
-local l = now_ms() + tonumber(ARGV[2])
-local e = math.max(tonumber(r[3]) or 0, l)
-redis.call('HSET', KEYS[1], 'l', int(l), 'e', int(e))
-redis.call('PEXPIREAT', KEYS[1], int(e))
-return 1
-`;
-
-// KEYS[1]; ARGV: token, outcome, ttlMs. 1 when completed. No lease check:
-// the owner may still complete after its deadline until someone takes over.
-const COMPLETE = `${PRELUDE}
-local r = redis.call('HMGET', KEYS[1], 's', 't')
-if r[1] ~= 'p' or r[2] ~= ARGV[1] then return 0 end
-local e = now_ms() + tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], 's', 'c', 'o', ARGV[2], 'e', int(e))
-redis.call('HDEL', KEYS[1], 't', 'l', 'k')
-redis.call('PEXPIREAT', KEYS[1], int(e))
-return 1
-`;
-
-// KEYS[1]; ARGV: token. 1 when released.
-const RELEASE = `
-local r = redis.call('HMGET', KEYS[1], 's', 't')
-if r[1] ~= 'p' or r[2] ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-return 1
 `;
 
 // KEYS[1]. {state, fingerprint, leaseUntil, expiresAt, outcome}, state false when absent.
@@ -236,15 +274,25 @@ interface Script {
 const script = (source: string): Script => ({ source, sha: createHash('sha1').update(source).digest('hex') });
 
 const SCRIPTS = {
-  claim: script(CLAIM),
-  renew: script(RENEW),
-  complete: script(COMPLETE),
-  release: script(RELEASE),
+  batch: script(BATCH),
   get: script(GET),
   delete: script(DELETE),
 } as const;
 
 type Runner = (s: Script, keys: string[], args: string[]) => Promise<unknown>;
+
+// One write operation waiting for its batch: its letter in BATCH, its key,
+// its arguments, and who to answer.
+interface Operation {
+  code: string;
+  key: string;
+  a1: string;
+  a2: string;
+  a3: string;
+  a4: string;
+  resolve(reply: unknown): void;
+  reject(error: unknown): void;
+}
 
 const errorMessage = (error: unknown): string =>
   typeof error === 'object' && error !== null ? String((error as { message?: unknown }).message) : String(error);
@@ -373,50 +421,113 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
     throw new ConfigError(`redisStore: prefix ${JSON.stringify(prefix)} must not contain "{" or "}" (the id is the hash tag).`);
   }
   const run = makeRunner(client);
-  const cluster = options.cluster ?? detectCluster(client);
+  let cluster = options.cluster ?? detectCluster(client);
+  const coalesce = options.coalesce ?? true;
   const keyOf = (id: string): string => `${prefix}:{${id}}`;
 
-  const claimBatch = async (ids: readonly string[], input: ClaimInput): Promise<ClaimResult[]> => {
-    const tokens = ids.map(() => newToken());
-    const args = [encodeFingerprint(input.fingerprint), ms('leaseMs', input.leaseMs), ms('ttlMs', input.ttlMs), ...tokens];
-    const replies = list(await run(SCRIPTS.claim, ids.map(keyOf), args));
-    if (replies.length !== ids.length) throw new Error(`redis store: ${replies.length} claim replies for ${ids.length} ids`);
-    return replies.map((reply, i) => decodeClaim(reply, tokens[i]!));
+  // Operations waiting for the end of this turn of the event loop. They go
+  // out together as one BATCH script: one round trip, one write on each
+  // side, however many requests asked in the meantime.
+  let queue: Operation[] = [];
+  let scheduled = false;
+
+  const send = (ops: Operation[]): void => {
+    const keys: string[] = new Array(ops.length);
+    const args: string[] = new Array(ops.length * STRIDE);
+    for (let i = 0; i < ops.length; i++) {
+      const op = ops[i]!;
+      keys[i] = op.key;
+      const b = i * STRIDE;
+      args[b] = op.code;
+      args[b + 1] = op.a1;
+      args[b + 2] = op.a2;
+      args[b + 3] = op.a3;
+      args[b + 4] = op.a4;
+    }
+    run(SCRIPTS.batch, keys, args).then(
+      (raw) => {
+        let replies: unknown[];
+        try {
+          replies = list(raw);
+          if (replies.length !== ops.length) throw new Error(`redis store: ${replies.length} replies for ${ops.length} operations`);
+        } catch (error) {
+          for (const op of ops) op.reject(error);
+          return;
+        }
+        for (let i = 0; i < ops.length; i++) ops[i]!.resolve(replies[i]);
+      },
+      (error: unknown) => {
+        // A cluster client that was not detected: the server refused the
+        // multi-key batch before running it, so nothing changed; from now
+        // on every operation goes alone.
+        if (ops.length > 1 && errorMessage(error).startsWith('CROSSSLOT')) {
+          cluster = true;
+          for (const op of ops) send([op]);
+          return;
+        }
+        for (const op of ops) op.reject(error);
+      },
+    );
+  };
+
+  const flush = (): void => {
+    scheduled = false;
+    while (queue.length > 0) {
+      const ops = queue.length <= MAX_BATCH ? queue : queue.slice(0, MAX_BATCH);
+      queue = queue.length <= MAX_BATCH ? [] : queue.slice(MAX_BATCH);
+      send(ops);
+    }
+  };
+
+  const enqueue = (code: string, id: string, a1: string, a2 = '', a3 = '', a4 = ''): Promise<unknown> =>
+    new Promise((resolve, reject) => {
+      const op: Operation = { code, key: keyOf(id), a1, a2, a3, a4, resolve, reject };
+      // One script cannot span cluster slots, so on a cluster every
+      // operation goes alone (the client still pipelines them).
+      if (cluster || !coalesce) {
+        send([op]);
+        return;
+      }
+      queue.push(op);
+      if (queue.length >= MAX_BATCH) flush();
+      else if (!scheduled) {
+        scheduled = true;
+        setImmediate(flush);
+      }
+    });
+
+  const claimOne = async (id: string, fingerprint: string, leaseMs: string, ttlMs: string): Promise<ClaimResult> => {
+    const token = newToken();
+    return decodeClaim(await enqueue('c', id, token, fingerprint, leaseMs, ttlMs), token);
   };
 
   return {
     name: 'redis',
     capabilities: CAPABILITIES,
     prefix,
-    cluster,
+    get cluster() {
+      return cluster;
+    },
     keyOf,
-    async claim(id, input) {
-      const [result] = await claimBatch([id], input);
-      return result!;
+    claim(id, input) {
+      return claimOne(id, encodeFingerprint(input.fingerprint), ms('leaseMs', input.leaseMs), ms('ttlMs', input.ttlMs));
     },
     async claimMany(ids, input) {
-      if (ids.length === 0) return [];
-      // One script cannot span slots; concurrent calls are pipelined by the
-      // client, so a cluster batch still costs one round trip per node.
-      const each = async () => (await Promise.all(ids.map((id) => claimBatch([id], input)))).map((r) => r[0]!);
-      if (cluster) return each();
-      try {
-        return await claimBatch(ids, input);
-      } catch (error) {
-        // A cluster client that was not detected: the server refused the
-        // batch before running it, so nothing was claimed; go id by id.
-        if (ids.length > 1 && errorMessage(error).startsWith('CROSSSLOT')) return each();
-        throw error;
-      }
+      const fingerprint = encodeFingerprint(input.fingerprint);
+      const leaseMs = ms('leaseMs', input.leaseMs);
+      const ttlMs = ms('ttlMs', input.ttlMs);
+      // Queued in order, so on a standalone Redis they share one script and
+      // a repeated id meets its own earlier claim.
+      return Promise.all(ids.map((id) => claimOne(id, fingerprint, leaseMs, ttlMs)));
     },
     async renew(id, token, leaseMs) {
-      return int(await run(SCRIPTS.renew, [keyOf(id)], [token, ms('leaseMs', leaseMs)])) === 1;
+      return int(await enqueue('n', id, token, ms('leaseMs', leaseMs))) === 1;
     },
     async complete(id, token, outcome, ttlMs) {
-      return int(await run(SCRIPTS.complete, [keyOf(id)], [token, outcome, ms('ttlMs', ttlMs)])) === 1;
+      return int(await enqueue('m', id, token, outcome, ms('ttlMs', ttlMs))) === 1;
     },
     async release(id, token) {
-      return int(await run(SCRIPTS.release, [keyOf(id)], [token])) === 1;
+      return int(await enqueue('x', id, token)) === 1;
     },
     async get(id): Promise<StoredRecord | null> {
       const [state, fingerprint, leaseUntil, expiresAt, outcome] = list(await run(SCRIPTS.get, [keyOf(id)], []));
