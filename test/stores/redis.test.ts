@@ -76,6 +76,31 @@ for (const [kind, { open, close }] of Object.entries(clients) as [
   );
 }
 
+{
+  // The suite again with each write its own script and no replay cache.
+  const prefix = newPrefix('plain');
+  const opened: Redis[] = [];
+  const make = async () => {
+    const client = await ioredis();
+    opened.push(client);
+    return redisStore({ client, prefix, coalesce: false, replayCache: false });
+  };
+  defineStoreConformance(
+    { describe, it, beforeAll, afterAll },
+    {
+      name: 'redis (ioredis, coalesce and replay cache off)',
+      store: make,
+      anotherClient: make,
+      teardown: async () => {
+        const admin = await ioredis();
+        await cleanup(admin, prefix);
+        await admin.quit();
+        for (const client of opened) await client.quit();
+      },
+    },
+  );
+}
+
 /**
  * Counts the commands the server receives under a key prefix, with MONITOR
  * on a dedicated connection. Robust while other test files share the server:
@@ -190,6 +215,76 @@ describe('redis store', () => {
         expect({ operation, commands }).toEqual({ operation, commands: ['evalsha'] });
       }
     });
+
+    it('sends the writes asked for in one turn of the event loop as one script, in order', async () => {
+      const store = redisStore({ client, prefix: rtPrefix });
+      const input = { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 };
+      const ids = Array.from({ length: 20 }, newId);
+      let claims: Awaited<ReturnType<typeof store.claim>>[] = [];
+      // 20 claims, two of them of one id: the second meets the first inside the script.
+      const claimed = await counter.commands(async () => {
+        claims = await Promise.all([...ids, ids[0]!].map((id) => store.claim(id, input)));
+      });
+      expect(claimed).toEqual(['evalsha']);
+      expect(claims.map((c) => c.status)).toEqual([...ids.map(() => 'acquired'), 'in_progress']);
+      const tokens = claims.slice(0, ids.length).map((c) => (c.status === 'acquired' ? c.token : ''));
+      // Completes, a renew and a stale release in one turn: still one script, each answered on its own.
+      let answers: boolean[] = [];
+      const settled = await counter.commands(async () => {
+        answers = await Promise.all([
+          ...ids.slice(1).map((id, i) => store.complete(id, tokens[i + 1]!, `outcome ${i}`, 60_000)),
+          store.renew(ids[0]!, tokens[0]!, 30_000),
+          store.release(ids[0]!, 'not-the-token'),
+        ]);
+      });
+      expect(settled).toEqual(['evalsha']);
+      expect(answers).toEqual([...ids.slice(1).map(() => true), true, false]);
+      const replay = await store.get(ids[5]!);
+      expect(replay).toMatchObject({ state: 'completed', outcome: 'outcome 4' });
+    });
+
+    it('sends each write alone when coalescing is off', async () => {
+      const store = redisStore({ client, prefix: rtPrefix, coalesce: false });
+      const input = { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 };
+      const commands = await counter.commands(() => Promise.all([newId(), newId(), newId()].map((id) => store.claim(id, input))));
+      expect(commands).toEqual(['evalsha', 'evalsha', 'evalsha']);
+    });
+
+    it('answers the copies of a replayed request from its replay cache until the entry ages out', async () => {
+      const store = redisStore({ client, prefix: rtPrefix, replayCache: { maxAgeMs: 400 } });
+      const input = { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 };
+      const id = newId();
+      const claim = await store.claim(id, input);
+      if (claim.status !== 'acquired') throw new Error('expected acquired');
+      await store.complete(id, claim.token, 'the answer', 60_000);
+      // The first replay asks Redis (a fresh completion is never cached).
+      expect(await counter.commands(async () => expect((await store.claim(id, input)).status).toBe('completed'))).toEqual(['evalsha']);
+      const copies = await counter.commands(async () => {
+        for (let i = 0; i < 10; i++) {
+          const again = await store.claim(id, input);
+          expect(again).toMatchObject({ status: 'completed', record: { outcome: 'the answer', fingerprint: FP } });
+        }
+        // Another body meets the stored fingerprint, from the cache too (the engine answers 422).
+        const other = await store.claim(id, { ...input, fingerprint: 'v1:other' });
+        expect(other).toMatchObject({ status: 'completed', record: { fingerprint: FP } });
+      });
+      expect(copies).toEqual([]);
+      await sleep(450);
+      expect(await counter.commands(() => store.claim(id, input))).toEqual(['evalsha']);
+    });
+
+    it('asks Redis for every replay without a replay cache', async () => {
+      const store = redisStore({ client, prefix: rtPrefix, replayCache: false });
+      const input = { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 };
+      const id = newId();
+      const claim = await store.claim(id, input);
+      if (claim.status !== 'acquired') throw new Error('expected acquired');
+      await store.complete(id, claim.token, 'x', 60_000);
+      const commands = await counter.commands(async () => {
+        for (let i = 0; i < 3; i++) expect((await store.claim(id, input)).status).toBe('completed');
+      });
+      expect(commands).toEqual(['evalsha', 'evalsha', 'evalsha']);
+    });
   });
 
   describe('record layout and clock', () => {
@@ -299,6 +394,45 @@ describe('redis store', () => {
       expect((await neighbour.claim(id, { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 })).status).toBe('acquired');
       if (mine.status === 'acquired') expect(await neighbour.release(id, mine.token)).toBe(false);
       await cleanup(admin, `${prefix}-other`);
+    });
+
+    it('runs an id again once its record expired, even after replaying it from the cache', async () => {
+      const id = newId();
+      const input = { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 };
+      const claim = await store.claim(id, input);
+      if (claim.status !== 'acquired') throw new Error('expected acquired');
+      await store.complete(id, claim.token, 'short-lived', 300);
+      expect((await store.claim(id, input)).status).toBe('completed');
+      expect((await store.claim(id, input)).status).toBe('completed');
+      await sleep(400);
+      expect((await store.claim(id, input)).status).toBe('acquired');
+    });
+
+    it('forgets a cached replay when the record is deleted through the store', async () => {
+      const id = newId();
+      const input = { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 };
+      const claim = await store.claim(id, input);
+      if (claim.status !== 'acquired') throw new Error('expected acquired');
+      await store.complete(id, claim.token, 'x', 60_000);
+      expect((await store.claim(id, input)).status).toBe('completed');
+      expect(await store.delete(id)).toBe(true);
+      expect((await store.claim(id, input)).status).toBe('acquired');
+    });
+
+    it('keeps at most maxEntries replays, dropping the oldest first', async () => {
+      const small = redisStore({ client: admin, prefix, replayCache: { maxEntries: 2 } });
+      const input = { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 };
+      const ids = [newId(), newId(), newId()];
+      for (const id of ids) {
+        const claim = await small.claim(id, input);
+        if (claim.status !== 'acquired') throw new Error('expected acquired');
+        await small.complete(id, claim.token, id, 60_000);
+        expect((await small.claim(id, input)).status).toBe('completed');
+      }
+      // Deleted behind the store's back: only an id still in the cache replays.
+      for (const id of ids) await admin.del(small.keyOf(id));
+      expect((await small.claim(ids[0]!, input)).status).toBe('acquired');
+      expect((await small.claim(ids[2]!, input)).status).toBe('completed');
     });
 
     it('refuses a prefix with a brace and a client it does not recognise', () => {
