@@ -25,7 +25,6 @@
  */
 import { createHash } from 'node:crypto';
 import type {
-  ClaimInput,
   ClaimResult,
   IdempotencyStore,
   StoreCapabilities,
