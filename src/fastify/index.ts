@@ -53,9 +53,12 @@ function bodyOf(request: FastifyRequest): HttpRequestView<FastifyRequest>['body'
   return { json: body };
 }
 
-function headersOf(reply: FastifyReply): Array<[string, string]> {
+// Only the headers a stored outcome can keep: asking for a few by name is
+// cheaper than copying them all (reply.getHeaders() merges two objects).
+function headersOf(reply: FastifyReply, names: readonly string[]): Array<[string, string]> {
   const out: Array<[string, string]> = [];
-  for (const [name, value] of Object.entries(reply.getHeaders())) {
+  for (const name of names) {
+    const value = reply.getHeader(name);
     if (value === undefined) continue;
     out.push([name, Array.isArray(value) ? value.join(', ') : String(value)]);
   }
@@ -108,7 +111,7 @@ export async function oncely(fastify: FastifyInstance, options: FastifyIdempoten
     if (run === undefined) return payload;
     request[kRun] = undefined;
     const status = reply.statusCode;
-    const headers = headersOf(reply);
+    const headers = headersOf(reply, core.capturedHeaders);
     let finished: HttpFinish;
     if (payload === null || payload === undefined) {
       finished = { kind: 'response', response: { status, headers, body: '' } };

@@ -130,6 +130,43 @@ export type HttpFinish =
 
 const neverAborted = new AbortController().signal;
 const warned = new WeakSet<object>();
+const PASS: HttpBegin = { kind: 'pass' };
+
+// One per idempotent request: the run and, as `context`, what its handler sees.
+class Run implements HttpRun, IdempotencyContext {
+  decision: OutcomeDecision | undefined = undefined;
+  readonly claim: Claim | null;
+  readonly key: string;
+  readonly id: string;
+  readonly ttlMs: number | undefined;
+
+  constructor(claim: Claim | null, key: string, id: string, ttlMs: number | undefined) {
+    this.claim = claim;
+    this.key = key;
+    this.id = id;
+    this.ttlMs = ttlMs;
+  }
+
+  get context(): IdempotencyContext {
+    return this;
+  }
+
+  get takeover(): boolean {
+    return this.claim?.takeover ?? false;
+  }
+
+  get signal(): AbortSignal {
+    return this.claim?.signal ?? neverAborted;
+  }
+
+  // A bound function, so that `const { decide } = request.idempotency` works.
+  readonly decide = (decision: OutcomeDecision): void => {
+    this.decision = decision;
+  };
+}
+
+const isThenable = (value: unknown): value is PromiseLike<unknown> =>
+  typeof value === 'object' && value !== null && typeof (value as { then?: unknown }).then === 'function';
 
 /**
  * The protocol logic shared by every HTTP front door: key and scope, the
@@ -140,6 +177,12 @@ export class HttpIdempotency<R> {
   readonly engine: Engine;
   readonly maxStoredBytes: number;
   readonly maxBodyBytes: number;
+  /**
+   * Lower-case names of the response headers that can end up in a stored
+   * outcome (the replayed ones, and `location` for a not-replayable marker):
+   * a front door may capture only these.
+   */
+  readonly capturedHeaders: readonly string[];
   readonly #methods: ReadonlySet<string>;
   readonly #options: HttpIdempotencyOptions<R>;
   readonly #replayHeaders: ReadonlySet<string>;
@@ -155,6 +198,7 @@ export class HttpIdempotency<R> {
         (h) => !NEVER_REPLAYED.has(h),
       ),
     );
+    this.capturedHeaders = [...new Set([...this.#replayHeaders, 'location'])];
     this.#policy = options.outcome ?? defaultOutcomePolicy;
     this.#fingerprintHeaders = (options.fingerprintHeaders ?? []).map((h) => h.toLowerCase());
     this.maxStoredBytes = options.maxStoredBytes ?? 1024 * 1024;
@@ -184,68 +228,54 @@ export class HttpIdempotency<R> {
   /** Decide what happens to a request: pass it on, answer it now, or run it under a claim. */
   async begin(view: HttpRequestView<R>, overrides: RouteOverrides = {}): Promise<HttpBegin> {
     try {
-      return await this.#begin(view, overrides);
+      const options = this.#options;
+      let key = parseIdempotencyKey(view.header(KEY_HEADER), { pattern: options.keyPattern });
+      let ttlMs = overrides.ttlMs;
+      if (key === undefined && !options.keyFromFingerprint) {
+        if (options.required === false) return PASS;
+        throw new KeyMissingError();
+      }
+      // Only a user's function makes these asynchronous; the defaults cost no extra turn.
+      let fingerprint = this.#fingerprint(view);
+      if (isThenable(fingerprint)) fingerprint = await fingerprint;
+      if (key === undefined) {
+        // Hash-based key: identical requests within the window are one operation.
+        key = `fp:${fingerprint}`;
+        ttlMs = options.keyFromFingerprint ? options.keyFromFingerprint.windowMs : ttlMs;
+      }
+      let scope = '';
+      if (options.scope) {
+        let s = options.scope(view.raw);
+        if (isThenable(s)) s = await s;
+        if (s === undefined || s === '') throw new ScopeMissingError();
+        scope = s;
+      }
+      const id = recordId(key, scope, options.namespace);
+      const begun = await this.engine.begin({
+        id,
+        fingerprint,
+        ttlMs,
+        leaseMs: overrides.leaseMs ?? options.leaseMs,
+        wait: overrides.wait ?? options.wait,
+      });
+      if (begun.kind === 'replay') return { kind: 'respond', response: this.#replay(begun.record.outcome) };
+      return { kind: 'run', run: new Run(begun.kind === 'run' ? begun.claim : null, key, id, ttlMs) };
     } catch (error) {
       if (isOncelyError(error)) return { kind: 'respond', response: problemResponse(error) };
       throw error;
     }
   }
 
-  async #begin(view: HttpRequestView<R>, overrides: RouteOverrides): Promise<HttpBegin> {
-    const options = this.#options;
-    let key = parseIdempotencyKey(view.header(KEY_HEADER), { pattern: options.keyPattern });
-    let ttlMs = overrides.ttlMs;
-    if (key === undefined && !options.keyFromFingerprint) {
-      if (options.required === false) return { kind: 'pass' };
-      throw new KeyMissingError();
-    }
-    const fingerprint = await this.#fingerprint(view);
-    if (key === undefined) {
-      // Hash-based key: identical requests within the window are one operation.
-      key = `fp:${fingerprint}`;
-      ttlMs = options.keyFromFingerprint ? options.keyFromFingerprint.windowMs : ttlMs;
-    }
-    let scope = '';
-    if (options.scope) {
-      const s = await options.scope(view.raw);
-      if (s === undefined || s === '') throw new ScopeMissingError();
-      scope = s;
-    }
-    const id = recordId(key, scope, options.namespace);
-    const begun = await this.engine.begin({
-      id,
-      fingerprint,
-      ttlMs,
-      leaseMs: overrides.leaseMs ?? options.leaseMs,
-      wait: overrides.wait ?? options.wait,
-    });
-    if (begun.kind === 'replay') return { kind: 'respond', response: this.#replay(begun.record.outcome) };
-    const claim = begun.kind === 'run' ? begun.claim : null;
-    const run: HttpRun = {
-      claim,
-      decision: undefined,
-      ttlMs,
-      context: {
-        key,
-        id,
-        takeover: claim?.takeover ?? false,
-        get signal() {
-          return claim?.signal ?? neverAborted;
-        },
-        decide(decision) {
-          run.decision = decision;
-        },
-      },
-    };
-    return { kind: 'run', run };
-  }
-
-  async #fingerprint(view: HttpRequestView<R>): Promise<string | null> {
+  #fingerprint(view: HttpRequestView<R>): string | null | Promise<string | null> {
     const option = this.#options.fingerprint ?? 'v1';
     if (option === false) return null;
-    if (typeof option === 'function') return fingerprintOf(await option(view.raw));
-    const headers: Array<[string, string]> = [];
-    for (const name of this.#fingerprintHeaders) headers.push([name, (view.header(name) ?? []).join(', ')]);
+    if (typeof option === 'function') {
+      const chosen = option(view.raw);
+      return isThenable(chosen) ? Promise.resolve(chosen).then(fingerprintOf) : fingerprintOf(chosen);
+    }
+    const names = this.#fingerprintHeaders;
+    const headers: Array<[string, string]> = new Array(names.length);
+    for (let i = 0; i < names.length; i++) headers[i] = [names[i]!, (view.header(names[i]!) ?? []).join(', ')];
     return fingerprintV1({ method: view.method, path: view.path, query: view.query, body: view.body, headers });
   }
 
