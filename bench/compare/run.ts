@@ -414,6 +414,15 @@ for (const path of ['miss', 'replay'] as Path[]) {
         `- ${path}: oncely on Fastify with Redis: ${(medianRps.get(at(oncelyRedis, path))! / medianRps.get(at(fastest, path))!).toFixed(2)}× the req/s of the fastest peer that passes the concurrency row (${fastest.name} on ${fastest.framework}: ${medianRps.get(at(oncelyRedis, path))!.toFixed(0)} against ${medianRps.get(at(fastest, path))!.toFixed(0)} req/s, medians); server CPU per request ${medianCpu.get(at(oncelyRedis, path))!.toFixed(0)} against ${medianCpu.get(at(fastest, path))!.toFixed(0)} µs`,
       );
     else headline.push(`- ${path}: no peer passed the concurrency row, so there is no peer to compare oncely on Fastify with Redis against`);
+    if (fastest) {
+      // What a 1.5× lead over that peer would ask of oncely, in bare Fastify's terms.
+      const bare = contestants.find((c) => c.bare && c.framework === 'Fastify')!;
+      const base = samples.get(at(bare, path)) ?? [];
+      const peer = summarise((samples.get(at(fastest, path)) ?? []).map((s, i) => s.rps / (base[i]?.rps ?? Number.NaN)));
+      headline.push(
+        `- ${path}: ceiling: ${fastest.name} runs at ${peer.median.toFixed(2)}× bare Fastify here, so 1.5× its req/s would be ${(1.5 * peer.median).toFixed(2)}× bare Fastify, for a server that also makes ${path === 'miss' ? 'two store round trips' : 'a fingerprint and a lookup'} per request; bare Fastify (1.00×) is the ceiling of any contestant`,
+      );
+    }
   }
 }
 
