@@ -513,7 +513,7 @@ const doc = [
   '- Powertools stores whatever the wrapped function returns, so an answered 500 is replayed. Without `payloadValidationJmesPath` a reused key with another body silently gets the first answer. With it, `CachePersistenceLayer` (2.35.0) writes the COMPLETED record without the payload hash (`_updateRecord` keeps only status, expiry and data), so every later request with that key, even an identical retry, fails validation with 422.',
   '',
   '- `@nestjs/idempotency` does not exist on npm (404), so it is not in the comparison. `@node-idempotency/nestjs` exists but needs NestJS itself; its core is measured above.',
-  '- oncely: `oncely/fastify` plugin and `oncely/express` middleware with `scope` from the `x-account` header, default options.',
+  '- oncely: `oncely/fastify` plugin and `oncely/express` middleware with `scope` from the `x-account` header, default options (on Redis that includes coalescing the writes of one event-loop turn into one script, and the replay cache, which answers the replay rows' repeated key in-process after its first replay; the round-trip table sends its 50 requests one after another, so it shows neither coalescing nor, after the first, more than the cache's misses).',
   '',
   '## Machine and versions',
   '',
