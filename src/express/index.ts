@@ -13,7 +13,7 @@
  * ```
  * @module
  */
-import type { IncomingMessage, OutgoingHttpHeaders, ServerResponse } from 'node:http';
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { NextFunction, Request, Response } from 'express';
 import { BodyInvalidError, BodyTooLargeError, isOncelyError } from '../errors/index.js';
 import {
@@ -97,15 +97,6 @@ function send(res: Response, response: HttpResponse): void {
   res.statusCode = response.status;
   for (const [name, value] of response.headers) res.setHeader(name, value);
   res.end(typeof response.body === 'string' ? response.body : Buffer.from(response.body));
-}
-
-function headerEntries(headers: OutgoingHttpHeaders): Array<[string, string]> {
-  const out: Array<[string, string]> = [];
-  for (const [name, value] of Object.entries(headers)) {
-    if (value === undefined) continue;
-    out.push([name, Array.isArray(value) ? value.join(', ') : String(value)]);
-  }
-  return out;
 }
 
 type WriteCallback = (error?: Error | null) => void;
@@ -195,7 +186,7 @@ function capture(res: ServerResponse, core: HttpIdempotency<Request>, run: HttpR
       }
     }
     restore();
-    const headers = headerEntries(this.getHeaders());
+    const headers = core.captureHeaders((name) => this.getHeader(name));
     const finished: HttpFinish = streaming
       ? { kind: 'unstorable', status: this.statusCode, headers }
       : { kind: 'response', response: { status: this.statusCode, headers, body: Buffer.concat(chunks) } };

@@ -53,18 +53,6 @@ function bodyOf(request: FastifyRequest): HttpRequestView<FastifyRequest>['body'
   return { json: body };
 }
 
-// Only the headers a stored outcome can keep: asking for a few by name is
-// cheaper than copying them all (reply.getHeaders() merges two objects).
-function headersOf(reply: FastifyReply, names: readonly string[]): Array<[string, string]> {
-  const out: Array<[string, string]> = [];
-  for (const name of names) {
-    const value = reply.getHeader(name);
-    if (value === undefined) continue;
-    out.push([name, Array.isArray(value) ? value.join(', ') : String(value)]);
-  }
-  return out;
-}
-
 function send(reply: FastifyReply, response: HttpResponse): FastifyReply {
   reply.code(response.status);
   for (const [name, value] of response.headers) reply.header(name, value);
@@ -111,7 +99,7 @@ export async function oncely(fastify: FastifyInstance, options: FastifyIdempoten
     if (run === undefined) return payload;
     request[kRun] = undefined;
     const status = reply.statusCode;
-    const headers = headersOf(reply, core.capturedHeaders);
+    const headers = core.captureHeaders((name) => reply.getHeader(name));
     let finished: HttpFinish;
     if (payload === null || payload === undefined) {
       finished = { kind: 'response', response: { status, headers, body: '' } };

@@ -175,7 +175,7 @@ export function withIdempotency<A extends unknown[]>(
       await core.abandon(run, 'handler threw');
       throw error;
     }
-    const headers: Array<[string, string]> = [...response.headers];
+    const headers = core.captureHeaders((name) => response.headers.get(name));
     const read = await readUpTo(response, core.maxStoredBytes);
     const finished: HttpFinish = read.complete
       ? { kind: 'response', response: { status: response.status, headers, body: read.body } }

@@ -177,17 +177,14 @@ export class HttpIdempotency<R> {
   readonly engine: Engine;
   readonly maxStoredBytes: number;
   readonly maxBodyBytes: number;
-  /**
-   * Lower-case names of the response headers that can end up in a stored
-   * outcome (the replayed ones, and `location` for a not-replayable marker):
-   * a front door may capture only these.
-   */
-  readonly capturedHeaders: readonly string[];
   readonly #methods: ReadonlySet<string>;
   readonly #options: HttpIdempotencyOptions<R>;
   readonly #replayHeaders: ReadonlySet<string>;
   readonly #policy: (status: number) => OutcomeDecision;
   readonly #fingerprintHeaders: readonly string[];
+  // Response headers a stored outcome can keep: the replayed ones, and
+  // `location` for a not-replayable marker.
+  readonly #capturedHeaders: readonly string[];
 
   constructor(options: HttpIdempotencyOptions<R>) {
     this.#options = options;
@@ -198,7 +195,7 @@ export class HttpIdempotency<R> {
         (h) => !NEVER_REPLAYED.has(h),
       ),
     );
-    this.capturedHeaders = [...new Set([...this.#replayHeaders, 'location'])];
+    this.#capturedHeaders = [...new Set([...this.#replayHeaders, 'location'])];
     this.#policy = options.outcome ?? defaultOutcomePolicy;
     this.#fingerprintHeaders = (options.fingerprintHeaders ?? []).map((h) => h.toLowerCase());
     this.maxStoredBytes = options.maxStoredBytes ?? 1024 * 1024;
@@ -287,8 +284,22 @@ export class HttpIdempotency<R> {
     return { status: response.status, headers: [...response.headers, [REPLAYED_HEADER, 'true']], body: response.body };
   }
 
-  /** Keep only the headers that are replayed. */
-  replayable(headers: Iterable<[string, string]>): Array<[string, string]> {
+  /**
+   * The response headers a stored outcome can keep, read one by name through
+   * `get` (a framework's `getHeader`): cheaper than copying every header.
+   */
+  captureHeaders(get: (name: string) => number | string | readonly string[] | null | undefined): Array<[string, string]> {
+    const out: Array<[string, string]> = [];
+    for (const name of this.#capturedHeaders) {
+      const value = get(name);
+      if (value === undefined || value === null) continue;
+      out.push([name, Array.isArray(value) ? value.join(', ') : String(value)]);
+    }
+    return out;
+  }
+
+  // Keep only the headers that are replayed.
+  #replayable(headers: Iterable<[string, string]>): Array<[string, string]> {
     const kept: Array<[string, string]> = [];
     for (const [name, value] of headers) {
       const lower = name.toLowerCase();
@@ -320,7 +331,7 @@ export class HttpIdempotency<R> {
       const { response } = finished;
       outcome = encodeOutcome({
         kind: 'response',
-        response: { status, headers: this.replayable(response.headers), body: response.body },
+        response: { status, headers: this.#replayable(response.headers), body: response.body },
       });
     }
     try {

@@ -52,6 +52,7 @@ async function pay(count: number, headers: (name: string) => string | undefined,
       location: `/payments/${id}`,
       'set-cookie': `session=${count}`,
       'x-request-id': `req-${count}`,
+      'x-payment-batch': `batch-${count}`,
     },
   };
 }

@@ -171,6 +171,7 @@ for (const door of DOORS) {
         expect(second.headers.get('content-type')).toBe(first.headers.get('content-type'));
         expect(second.headers.get('set-cookie')).toBeNull();
         expect(second.headers.get('x-request-id')).toBeNull();
+        expect(second.headers.get('x-payment-batch')).toBeNull();
         expect(Number(second.headers.get('content-length'))).toBe(Buffer.byteLength(second.text));
       });
 
@@ -288,6 +289,23 @@ for (const door of DOORS) {
       const app = await startApp(door, { store: brokenStore('fail'), failOpen: true });
       try {
         expect((await post(app, newKey())).status).toBe(201);
+        expect(app.executions()).toBe(1);
+      } finally {
+        await app.close();
+      }
+    });
+
+    it('replays a header named in replayHeaders, but never a per-request one even when named', async () => {
+      const app = await startApp(door, { store: memoryStore(), replayHeaders: ['X-Payment-Batch', 'X-Request-Id'] });
+      try {
+        const key = newKey();
+        const first = await post(app, key);
+        expect(first.headers.get('x-payment-batch')).toMatch(/^batch-/);
+        const second = await post(app, key);
+        expect(second.headers.get('idempotent-replayed')).toBe('true');
+        expect(second.headers.get('x-payment-batch')).toBe(first.headers.get('x-payment-batch'));
+        expect(second.headers.get('x-request-id')).toBeNull();
+        expect(second.headers.get('set-cookie')).toBeNull();
         expect(app.executions()).toBe(1);
       } finally {
         await app.close();
