@@ -2,6 +2,7 @@ import { Claim, Engine } from '../engine/engine.js';
 import { recordId } from '../engine/fingerprint.js';
 import { type Disposable, TypedEmitter } from '../engine/events.js';
 import type { ClaimInput, ClaimResult, IdempotencyStore } from '../engine/store.js';
+import { isThenable } from '../engine/thenable.js';
 import { ConfigError, InFlightError, StoreUnavailableError } from '../errors/index.js';
 
 /**
@@ -511,8 +512,8 @@ export class IdempotentConsumer<M> {
     const timer = setInterval(() => {
       try {
         const out = working();
-        if (out && typeof (out as Promise<unknown>).then === 'function') {
-          (out as Promise<unknown>).then(undefined, (error: unknown) => this.#events.emit('workingError', { id, error }));
+        if (isThenable(out)) {
+          out.then(undefined, (error: unknown) => this.#events.emit('workingError', { id, error }));
         }
       } catch (error) {
         this.#events.emit('workingError', { id, error });

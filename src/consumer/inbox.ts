@@ -27,6 +27,7 @@
  * ```
  * @module
  */
+import { isThenable } from '../engine/thenable.js';
 import { ConfigError } from '../errors/index.js';
 
 /**
@@ -326,7 +327,7 @@ export function sqliteInbox<D extends SqliteInboxDatabase>(options: SqliteInboxO
       const run = database.transaction((): InboxResult<T> => {
         if (insert.run(consumer, messageId, Date.now()).changes !== 1) return { status: 'duplicate' };
         const result = handler(database);
-        if (result !== null && typeof result === 'object' && typeof (result as { then?: unknown }).then === 'function') {
+        if (isThenable(result)) {
           // The transaction would commit before the promise's writes: refuse, and roll back.
           throw new ConfigError('A SQLite inbox handler must be synchronous (better-sqlite3 transactions cannot span an await).');
         }

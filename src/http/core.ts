@@ -1,6 +1,7 @@
 import { type Claim, Engine, type EngineOptions, type WaitOptions } from '../engine/engine.js';
 import { type FingerprintInput, fingerprintOf, fingerprintV1, recordId } from '../engine/fingerprint.js';
 import { parseIdempotencyKey } from '../engine/key.js';
+import { isThenable } from '../engine/thenable.js';
 import {
   AlreadyProcessedError,
   ConfigError,
@@ -164,9 +165,6 @@ class Run implements HttpRun, IdempotencyContext {
     this.decision = decision;
   };
 }
-
-const isThenable = (value: unknown): value is PromiseLike<unknown> =>
-  typeof value === 'object' && value !== null && typeof (value as { then?: unknown }).then === 'function';
 
 /**
  * The protocol logic shared by every HTTP front door: key and scope, the
