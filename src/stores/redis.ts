@@ -288,15 +288,11 @@ const SCRIPTS = {
 
 type Runner = (s: Script, keys: string[], args: string[]) => Promise<unknown>;
 
-// One write operation waiting for its batch: its letter in BATCH, its key,
-// its arguments, and who to answer.
+// One write operation waiting for its batch: its key, its STRIDE arguments
+// (its letter in BATCH, then its own, padded), and who to answer.
 interface Operation {
-  code: string;
   key: string;
-  a1: string;
-  a2: string;
-  a3: string;
-  a4: string;
+  args: string[];
   resolve(reply: unknown): void;
   reject(error: unknown): void;
 }
@@ -435,23 +431,15 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
   // Operations waiting for the end of this turn of the event loop. They go
   // out together as one BATCH script: one round trip, one write on each
   // side, however many requests asked in the meantime.
-  let queue: Operation[] = [];
+  const queue: Operation[] = [];
   let scheduled = false;
 
   const send = (ops: Operation[]): void => {
-    const keys: string[] = new Array(ops.length);
-    const args: string[] = new Array(ops.length * STRIDE);
-    for (let i = 0; i < ops.length; i++) {
-      const op = ops[i]!;
-      keys[i] = op.key;
-      const b = i * STRIDE;
-      args[b] = op.code;
-      args[b + 1] = op.a1;
-      args[b + 2] = op.a2;
-      args[b + 3] = op.a3;
-      args[b + 4] = op.a4;
-    }
-    run(SCRIPTS.batch, keys, args).then(
+    run(
+      SCRIPTS.batch,
+      ops.map((op) => op.key),
+      ops.flatMap((op) => op.args),
+    ).then(
       (raw) => {
         let replies: unknown[];
         try {
@@ -479,11 +467,7 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
 
   const flush = (): void => {
     scheduled = false;
-    while (queue.length > 0) {
-      const ops = queue.length <= MAX_BATCH ? queue : queue.slice(0, MAX_BATCH);
-      queue = queue.length <= MAX_BATCH ? [] : queue.slice(MAX_BATCH);
-      send(ops);
-    }
+    while (queue.length > 0) send(queue.splice(0, MAX_BATCH));
   };
 
   // Send `ops` (each waits on its own promise): on a cluster one by one,
@@ -506,16 +490,17 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
     }
   };
 
-  const operation = (code: string, id: string, a1: string, a2 = '', a3 = '', a4 = ''): [Operation, Promise<unknown>] => {
+  const operation = (id: string, ...args: string[]): [Operation, Promise<unknown>] => {
+    while (args.length < STRIDE) args.push('');
     let op!: Operation;
     const answer = new Promise<unknown>((resolve, reject) => {
-      op = { code, key: keyOf(id), a1, a2, a3, a4, resolve, reject };
+      op = { key: keyOf(id), args, resolve, reject };
     });
     return [op, answer];
   };
 
-  const one = (code: string, id: string, a1: string, a2 = '', a3 = '', a4 = ''): Promise<unknown> => {
-    const [op, answer] = operation(code, id, a1, a2, a3, a4);
+  const one = (id: string, ...args: string[]): Promise<unknown> => {
+    const [op, answer] = operation(id, ...args);
     submit([op]);
     return answer;
   };
@@ -540,7 +525,7 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
       const cached = replays?.get(id);
       if (cached !== undefined) return { status: 'completed', record: cached };
       const token = newToken();
-      const raw = await one('c', id, token, encodeFingerprint(input.fingerprint), ms('leaseMs', input.leaseMs), ms('ttlMs', input.ttlMs));
+      const raw = await one(id, 'c', token, encodeFingerprint(input.fingerprint), ms('leaseMs', input.leaseMs), ms('ttlMs', input.ttlMs));
       return claimed(id, raw, token);
     },
     async claimMany(ids, input) {
@@ -551,19 +536,19 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
       // one script and a repeated id meets its own earlier claim. The replay
       // cache is not consulted: a batch is one round trip anyway.
       const tokens = ids.map(() => newToken());
-      const pairs = ids.map((id, i) => operation('c', id, tokens[i]!, fingerprint, leaseMs, ttlMs));
+      const pairs = ids.map((id, i) => operation(id, 'c', tokens[i]!, fingerprint, leaseMs, ttlMs));
       submit(pairs.map(([op]) => op));
       const raws = await Promise.all(pairs.map(([, answer]) => answer));
       return raws.map((raw, i) => claimed(ids[i]!, raw, tokens[i]!));
     },
     async renew(id, token, leaseMs) {
-      return int(await one('n', id, token, ms('leaseMs', leaseMs))) === 1;
+      return int(await one(id, 'n', token, ms('leaseMs', leaseMs))) === 1;
     },
     async complete(id, token, outcome, ttlMs) {
-      return int(await one('m', id, token, outcome, ms('ttlMs', ttlMs))) === 1;
+      return int(await one(id, 'm', token, outcome, ms('ttlMs', ttlMs))) === 1;
     },
     async release(id, token) {
-      return int(await one('x', id, token)) === 1;
+      return int(await one(id, 'x', token)) === 1;
     },
     async get(id): Promise<StoredRecord | null> {
       const [state, fingerprint, leaseUntil, expiresAt, outcome] = list(await run(SCRIPTS.get, [keyOf(id)], []));

@@ -147,8 +147,14 @@ for (const [kind, { open, close }] of Object.entries(clients) as [
       const store = redisStore({ client, prefix: own, cluster: false });
       const ids = Array.from({ length: 10 }, newId);
       const input = { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 };
-      expect((await store.claimMany!(ids, input)).map((r) => r.status)).toEqual(ids.map(() => 'acquired'));
+      const claims = await store.claimMany!(ids, input);
+      expect(claims.map((r) => r.status)).toEqual(ids.map(() => 'acquired'));
+      // The server's CROSSSLOT told the store; from now on each write goes alone.
+      expect(store.cluster).toBe(true);
       expect((await store.claimMany!(ids, input)).map((r) => r.status)).toEqual(ids.map(() => 'in_progress'));
+      // Ten completes asked in one turn, on ten slots, all land.
+      const done = await Promise.all(ids.map((id, i) => store.complete(id, (claims[i] as { token: string }).token, `o${i}`, 60_000)));
+      expect(done).toEqual(ids.map(() => true));
     });
   });
 }
