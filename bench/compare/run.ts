@@ -340,23 +340,29 @@ const version = (dir: string, pkg: string) => {
 };
 const compareDir = join(ROOT, 'bench', 'compare');
 
+// A contestant's req/s or CPU per request over its own framework's bare
+// server, round by round (side by side), then median and range.
+function toBare(c: Contestant, path: Path, measure: 'rps' | 'cpuPerReq'): ReturnType<typeof summarise> {
+  const bare = contestants.find((x) => x.bare && x.framework === c.framework)!;
+  const base = samples.get(at(bare, path)) ?? [];
+  return summarise((samples.get(at(c, path)) ?? []).map((s, i) => s[measure] / (base[i]?.[measure] ?? Number.NaN)));
+}
+
 const tpRows: string[][] = [];
 const medianRps = new Map<string, number>();
 const medianCpu = new Map<string, number>();
 for (const framework of ['Fastify', 'Express'] as Framework[]) {
   const group = contestants.filter((c) => c.framework === framework && !c.correctnessOnly);
-  const bare = group.find((c) => c.bare)!;
   for (const path of ['miss', 'replay'] as Path[]) {
-    const base = samples.get(at(bare, path)) ?? [];
     for (const c of group) {
       const list = samples.get(at(c, path)) ?? [];
       if (list.length === 0) continue;
       const rps = summarise(list.map((s) => s.rps));
       medianRps.set(at(c, path), rps.median);
       medianCpu.set(at(c, path), summarise(list.map((s) => s.cpuPerReq)).median);
-      const ratio = summarise(list.map((s, i) => s.rps / (base[i]?.rps ?? Number.NaN)));
+      const ratio = toBare(c, path, 'rps');
       const cpu = summarise(list.map((s) => s.cpuPerReq));
-      const cpuRatio = summarise(list.map((s, i) => s.cpuPerReq / (base[i]?.cpuPerReq ?? Number.NaN)));
+      const cpuRatio = toBare(c, path, 'cpuPerReq');
       const bad = list.reduce((n, s) => n + s.non2xx + s.errors + s.timeouts, 0);
       const total = list.reduce((n, s) => n + s.requests, 0);
       tpRows.push([
@@ -395,13 +401,10 @@ const oncelyRedis = contestants.find((c) => c.id === 'f-oncely-redis');
 const passingPeers = contestants.filter((c) => !c.bare && !c.oncely && !c.correctnessOnly && results.get(c.id)?.correctness?.concurrency.pass);
 for (const path of ['miss', 'replay'] as Path[]) {
   for (const framework of ['Fastify', 'Express'] as Framework[]) {
-    const bare = contestants.find((c) => c.bare && c.framework === framework)!;
     for (const c of contestants.filter((x) => x.oncely && x.framework === framework)) {
-      const base = samples.get(at(bare, path)) ?? [];
-      const list = samples.get(at(c, path)) ?? [];
-      if (list.length === 0) continue;
-      const ratio = summarise(list.map((s, i) => s.rps / (base[i]?.rps ?? Number.NaN)));
-      const cpuRatio = summarise(list.map((s, i) => s.cpuPerReq / (base[i]?.cpuPerReq ?? Number.NaN)));
+      if ((samples.get(at(c, path)) ?? []).length === 0) continue;
+      const ratio = toBare(c, path, 'rps');
+      const cpuRatio = toBare(c, path, 'cpuPerReq');
       headline.push(
         `- ${path}: oncely on ${framework} with ${c.store}: ${ratio.median.toFixed(2)}× the req/s of bare ${framework} (rounds ${ratio.min.toFixed(2)}–${ratio.max.toFixed(2)}); server CPU per request ${cpuRatio.median.toFixed(2)}× bare`,
       );
@@ -416,9 +419,7 @@ for (const path of ['miss', 'replay'] as Path[]) {
     else headline.push(`- ${path}: no peer passed the concurrency row, so there is no peer to compare oncely on Fastify with Redis against`);
     if (fastest) {
       // What a 1.5× lead over that peer would ask of oncely, in bare Fastify's terms.
-      const bare = contestants.find((c) => c.bare && c.framework === 'Fastify')!;
-      const base = samples.get(at(bare, path)) ?? [];
-      const peer = summarise((samples.get(at(fastest, path)) ?? []).map((s, i) => s.rps / (base[i]?.rps ?? Number.NaN)));
+      const peer = toBare(fastest, path, 'rps');
       headline.push(
         `- ${path}: ceiling: ${fastest.name} runs at ${peer.median.toFixed(2)}× bare Fastify here, so 1.5× its req/s would be ${(1.5 * peer.median).toFixed(2)}× bare Fastify, for a server that also makes ${path === 'miss' ? 'two store round trips' : 'a fingerprint and a lookup'} per request; bare Fastify (1.00×) is the ceiling of any contestant`,
       );
@@ -513,7 +514,7 @@ const doc = [
   '- Powertools stores whatever the wrapped function returns, so an answered 500 is replayed. Without `payloadValidationJmesPath` a reused key with another body silently gets the first answer. With it, `CachePersistenceLayer` (2.35.0) writes the COMPLETED record without the payload hash (`_updateRecord` keeps only status, expiry and data), so every later request with that key, even an identical retry, fails validation with 422.',
   '',
   '- `@nestjs/idempotency` does not exist on npm (404), so it is not in the comparison. `@node-idempotency/nestjs` exists but needs NestJS itself; its core is measured above.',
-  '- oncely: `oncely/fastify` plugin and `oncely/express` middleware with `scope` from the `x-account` header, default options (on Redis that includes coalescing the writes of one event-loop turn into one script, and the replay cache, which answers the replay rows' repeated key in-process after its first replay; the round-trip table sends its 50 requests one after another, so it shows neither coalescing nor, after the first, more than the cache's misses).',
+  '- oncely: `oncely/fastify` plugin and `oncely/express` middleware with `scope` from the `x-account` header, default options (on Redis that includes coalescing the writes of one event-loop turn into one script, and the replay cache, which answers the repeated key of the replay rows in-process after its first replay; the round-trip table sends its 50 requests one after another, so it shows no coalescing, and after the first replay only what the cache misses).',
   '',
   '## Machine and versions',
   '',
