@@ -6,7 +6,7 @@
 import { randomBytes } from 'node:crypto';
 import { Redis } from 'ioredis';
 import { ConfigError } from '../../src/errors/index.js';
-import { type RedisClientLike, redisStore } from 'oncely/stores/redis';
+import { type RedisClientLike, type RedisStore, type RedisStoreOptions, redisStore } from 'oncely/stores/redis';
 import { defineStoreConformance } from 'oncely/testing';
 import { createClient } from 'redis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -16,6 +16,16 @@ const FP = 'v1:cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc'
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 const newId = (): string => randomBytes(32).toString('hex');
 const newPrefix = (what: string): string => `oncely-test-${what}-${randomBytes(6).toString('hex')}`;
+const INPUT = { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 };
+
+/** Claim a new id and complete it with `outcome`, kept `ttlMs`: a record ready to replay. */
+async function completed(store: RedisStore, outcome: string, ttlMs = 60_000): Promise<string> {
+  const id = newId();
+  const claim = await store.claim(id, INPUT);
+  if (claim.status !== 'acquired') throw new Error(`expected acquired, got ${claim.status}`);
+  expect(await store.complete(id, claim.token, outcome, ttlMs)).toBe(true);
+  return id;
+}
 
 type NodeRedis = ReturnType<typeof createClient>;
 
@@ -49,21 +59,31 @@ const clients = {
   'node-redis': { open: nodeRedis, close: async (c: NodeRedis) => void (await c.close()) },
 } as const;
 
-for (const [kind, { open, close }] of Object.entries(clients) as [
-  string,
-  { open: () => Promise<RedisClientLike>; close: (c: never) => Promise<void> },
-][]) {
-  const prefix = newPrefix(kind);
+// The suite through each client, and once more with each write its own
+// script and no replay cache.
+const suites: Array<{
+  name: string;
+  open: () => Promise<RedisClientLike>;
+  close: (c: never) => Promise<void>;
+  options?: Partial<RedisStoreOptions>;
+}> = [
+  { name: 'ioredis', ...clients.ioredis },
+  { name: 'node-redis', ...clients['node-redis'] },
+  { name: 'ioredis, coalesce and replay cache off', ...clients.ioredis, options: { coalesce: false, replayCache: false } },
+];
+
+for (const { name, open, close, options } of suites) {
+  const prefix = newPrefix(name.replace(/\W+/g, '-'));
   const opened: RedisClientLike[] = [];
   const make = async () => {
     const client = await open();
     opened.push(client);
-    return redisStore({ client, prefix });
+    return redisStore({ ...options, client, prefix });
   };
   defineStoreConformance(
     { describe, it, beforeAll, afterAll },
     {
-      name: `redis (${kind})`,
+      name: `redis (${name})`,
       store: make,
       anotherClient: make,
       teardown: async () => {
@@ -71,31 +91,6 @@ for (const [kind, { open, close }] of Object.entries(clients) as [
         await cleanup(admin, prefix);
         await admin.quit();
         for (const client of opened) await close(client as never);
-      },
-    },
-  );
-}
-
-{
-  // The suite again with each write its own script and no replay cache.
-  const prefix = newPrefix('plain');
-  const opened: Redis[] = [];
-  const make = async () => {
-    const client = await ioredis();
-    opened.push(client);
-    return redisStore({ client, prefix, coalesce: false, replayCache: false });
-  };
-  defineStoreConformance(
-    { describe, it, beforeAll, afterAll },
-    {
-      name: 'redis (ioredis, coalesce and replay cache off)',
-      store: make,
-      anotherClient: make,
-      teardown: async () => {
-        const admin = await ioredis();
-        await cleanup(admin, prefix);
-        await admin.quit();
-        for (const client of opened) await client.quit();
       },
     },
   );
@@ -252,11 +247,8 @@ describe('redis store', () => {
 
     it('answers the copies of a replayed request from its replay cache until the entry ages out', async () => {
       const store = redisStore({ client, prefix: rtPrefix, replayCache: { maxAgeMs: 400 } });
-      const input = { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 };
-      const id = newId();
-      const claim = await store.claim(id, input);
-      if (claim.status !== 'acquired') throw new Error('expected acquired');
-      await store.complete(id, claim.token, 'the answer', 60_000);
+      const input = INPUT;
+      const id = await completed(store, 'the answer');
       // The first replay asks Redis (a fresh completion is never cached).
       expect(await counter.commands(async () => expect((await store.claim(id, input)).status).toBe('completed'))).toEqual(['evalsha']);
       const copies = await counter.commands(async () => {
@@ -275,11 +267,8 @@ describe('redis store', () => {
 
     it('asks Redis for every replay without a replay cache', async () => {
       const store = redisStore({ client, prefix: rtPrefix, replayCache: false });
-      const input = { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 };
-      const id = newId();
-      const claim = await store.claim(id, input);
-      if (claim.status !== 'acquired') throw new Error('expected acquired');
-      await store.complete(id, claim.token, 'x', 60_000);
+      const input = INPUT;
+      const id = await completed(store, 'x');
       const commands = await counter.commands(async () => {
         for (let i = 0; i < 3; i++) expect((await store.claim(id, input)).status).toBe('completed');
       });
@@ -397,11 +386,8 @@ describe('redis store', () => {
     });
 
     it('runs an id again once its record expired, even after replaying it from the cache', async () => {
-      const id = newId();
-      const input = { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 };
-      const claim = await store.claim(id, input);
-      if (claim.status !== 'acquired') throw new Error('expected acquired');
-      await store.complete(id, claim.token, 'short-lived', 300);
+      const input = INPUT;
+      const id = await completed(store, 'short-lived', 300);
       expect((await store.claim(id, input)).status).toBe('completed');
       expect((await store.claim(id, input)).status).toBe('completed');
       await sleep(400);
@@ -409,11 +395,8 @@ describe('redis store', () => {
     });
 
     it('forgets a cached replay when the record is deleted through the store', async () => {
-      const id = newId();
-      const input = { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 };
-      const claim = await store.claim(id, input);
-      if (claim.status !== 'acquired') throw new Error('expected acquired');
-      await store.complete(id, claim.token, 'x', 60_000);
+      const input = INPUT;
+      const id = await completed(store, 'x');
       expect((await store.claim(id, input)).status).toBe('completed');
       expect(await store.delete(id)).toBe(true);
       expect((await store.claim(id, input)).status).toBe('acquired');
@@ -421,13 +404,12 @@ describe('redis store', () => {
 
     it('keeps at most maxEntries replays, dropping the oldest first', async () => {
       const small = redisStore({ client: admin, prefix, replayCache: { maxEntries: 2 } });
-      const input = { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 };
-      const ids = [newId(), newId(), newId()];
-      for (const id of ids) {
-        const claim = await small.claim(id, input);
-        if (claim.status !== 'acquired') throw new Error('expected acquired');
-        await small.complete(id, claim.token, id, 60_000);
+      const input = INPUT;
+      const ids: string[] = [];
+      for (let i = 0; i < 3; i++) {
+        const id = await completed(small, `outcome ${i}`);
         expect((await small.claim(id, input)).status).toBe('completed');
+        ids.push(id);
       }
       // Deleted behind the store's back: only an id still in the cache replays.
       for (const id of ids) await admin.del(small.keyOf(id));
