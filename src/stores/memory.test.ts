@@ -44,3 +44,31 @@ describe('memory store bounds', () => {
     expect(await bounded.get('c')).not.toBeNull();
   });
 });
+
+describe('memory store claimMany', () => {
+  it('undoes the claims of its own batch when one claim fails with StoreFullError, and nothing else', async () => {
+    let now = 1_000;
+    const bounded = memoryStore({ maxEntries: 3, now: () => now });
+    const input = { fingerprint: null, leaseMs: 10_000, ttlMs: 60_000 };
+    // Someone else's live claim, and an abandoned one whose lease has ended.
+    const held = await bounded.claim('held', input);
+    const stale = await bounded.claim('stale', { ...input, leaseMs: 100 });
+    if (held.status !== 'acquired' || stale.status !== 'acquired') throw new Error('expected acquired');
+    now += 200;
+    // 'stale' is taken over, 'held' answers in progress, 'new1' fills the
+    // store and 'new2' finds no room.
+    await expect(bounded.claimMany!(['stale', 'held', 'new1', 'new1', 'new2'], input)).rejects.toMatchObject({
+      code: 'ONCELY_STORE_FULL',
+    });
+    // What the batch created or took over is gone; nobody holds those tokens.
+    expect(await bounded.get('new1')).toBeNull();
+    expect(await bounded.get('new2')).toBeNull();
+    expect(await bounded.get('stale')).toBeNull();
+    // What the batch did not take is untouched: the owner of 'held' still owns it.
+    expect(await bounded.get('held')).toMatchObject({ state: 'in_progress' });
+    expect(await bounded.renew('held', held.token, 10_000)).toBe(true);
+    expect(bounded.size).toBe(1);
+    // With room again, the same batch succeeds as a whole.
+    expect((await memoryStore().claimMany!(['a', 'b'], input)).map((r) => r.status)).toEqual(['acquired', 'acquired']);
+  });
+});

@@ -3,7 +3,8 @@
  * entries and bytes; completed records beyond the bounds are evicted oldest
  * first (an evicted key may run again, so size the bounds above your
  * retention window's traffic). Records in progress are never evicted: when
- * only those remain, a claim fails with {@link StoreFullError}.
+ * only those remain, a claim fails with {@link StoreFullError}; `claimMany`
+ * then undoes the claims its batch made before throwing (all or nothing).
  *
  * @example
  * ```ts
@@ -139,7 +140,23 @@ export function memoryStore(options: MemoryStoreOptions = {}): MemoryStore {
       return claimSync(id, input);
     },
     async claimMany(ids, input) {
-      return ids.map((id) => claimSync(id, input));
+      // All or nothing: the caller gets no tokens when one claim throws, so
+      // the records this batch created or took over would otherwise stay
+      // claimed under tokens nobody holds. Nothing else is restored
+      // (a completed record evicted to make room stays evicted).
+      const results: ClaimResult[] = [];
+      try {
+        for (const id of ids) results.push(claimSync(id, input));
+      } catch (error) {
+        for (const [i, result] of results.entries()) {
+          if (result.status === 'acquired') {
+            const entry = owned(ids[i]!, result.token);
+            if (entry !== undefined) remove(ids[i]!, entry);
+          }
+        }
+        throw error;
+      }
+      return results;
     },
     async renew(id, token, leaseMs) {
       const entry = owned(id, token);
