@@ -507,9 +507,28 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
 
   const replays = options.replayCache === false ? null : new ReplayCache(options.replayCache);
 
-  const claimed = (id: string, raw: unknown, token: string): ClaimResult => {
+  // A replay that Redis answered before a delete of its id, but whose reply
+  // arrives after it, must not put the deleted record back in the cache.
+  // Each id with a claim or delete in flight has a generation, bumped by
+  // delete when it starts and when it ends; a claim caches its answer only
+  // if the generation did not move meanwhile. Kept only while in flight.
+  const flights = new Map<string, { users: number; generation: number }>();
+  const board = (id: string): { users: number; generation: number } => {
+    let flight = flights.get(id);
+    if (flight === undefined) {
+      flight = { users: 0, generation: 0 };
+      flights.set(id, flight);
+    }
+    flight.users++;
+    return flight;
+  };
+  const land = (id: string, flight: { users: number }): void => {
+    if (--flight.users === 0) flights.delete(id);
+  };
+
+  const claimed = (id: string, raw: unknown, token: string, generation: number, flight: { generation: number }): ClaimResult => {
     const result = decodeClaim(raw, token);
-    if (result.status === 'completed') replays?.put(id, result.record);
+    if (result.status === 'completed' && flight.generation === generation) replays?.put(id, result.record);
     return result;
   };
 
@@ -525,8 +544,14 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
       const cached = replays?.get(id);
       if (cached !== undefined) return { status: 'completed', record: cached };
       const token = newToken();
-      const raw = await one(id, 'c', token, encodeFingerprint(input.fingerprint), ms('leaseMs', input.leaseMs), ms('ttlMs', input.ttlMs));
-      return claimed(id, raw, token);
+      const args = [encodeFingerprint(input.fingerprint), ms('leaseMs', input.leaseMs), ms('ttlMs', input.ttlMs)];
+      const flight = board(id);
+      const generation = flight.generation;
+      try {
+        return claimed(id, await one(id, 'c', token, ...args), token, generation, flight);
+      } finally {
+        land(id, flight);
+      }
     },
     async claimMany(ids, input) {
       const fingerprint = encodeFingerprint(input.fingerprint);
@@ -537,9 +562,15 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
       // cache is not consulted: a batch is one round trip anyway.
       const tokens = ids.map(() => newToken());
       const pairs = ids.map((id, i) => operation(id, 'c', tokens[i]!, fingerprint, leaseMs, ttlMs));
+      const boarded = ids.map((id) => board(id));
+      const generations = boarded.map((flight) => flight.generation);
       submit(pairs.map(([op]) => op));
-      const raws = await Promise.all(pairs.map(([, answer]) => answer));
-      return raws.map((raw, i) => claimed(ids[i]!, raw, tokens[i]!));
+      try {
+        const raws = await Promise.all(pairs.map(([, answer]) => answer));
+        return raws.map((raw, i) => claimed(ids[i]!, raw, tokens[i]!, generations[i]!, boarded[i]!));
+      } finally {
+        for (const [i, flight] of boarded.entries()) land(ids[i]!, flight);
+      }
     },
     async renew(id, token, leaseMs) {
       return int(await one(id, 'n', token, ms('leaseMs', leaseMs))) === 1;
@@ -568,7 +599,18 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
     },
     async delete(id) {
       replays?.delete(id);
-      return int(await run(SCRIPTS.delete, [keyOf(id)], [])) > 0;
+      const flight = board(id);
+      flight.generation++;
+      try {
+        return int(await run(SCRIPTS.delete, [keyOf(id)], [])) > 0;
+      } finally {
+        // Again at the end, and forget again: a claim sent while the delete
+        // was in flight may have read the record before it went (and, had it
+        // landed first, cached it).
+        flight.generation++;
+        replays?.delete(id);
+        land(id, flight);
+      }
     },
     async purgeExpired() {
       return 0;

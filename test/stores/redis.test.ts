@@ -276,6 +276,43 @@ describe('redis store', () => {
     });
   });
 
+  describe.each(Object.keys(clients))('replay cache and batches with %s', (kind) => {
+    const own = newPrefix(`rc-${kind}`);
+    let client: RedisClientLike;
+
+    beforeAll(async () => {
+      client = kind === 'ioredis' ? await ioredis() : await nodeRedis();
+    });
+    afterAll(async () => {
+      await cleanup(admin, own);
+      if (kind === 'ioredis') await (client as Redis).quit();
+      else await (client as NodeRedis).close();
+    });
+
+    it('does not cache a replay whose reply arrives after delete of its id', async () => {
+      // Without coalescing the claim goes out at once, ahead of the delete:
+      // Redis answers it "completed", then deletes the record.
+      const store = redisStore({ client, prefix: own, coalesce: false });
+      const id = await completed(store, 'deleted later');
+      const claim = store.claim(id, INPUT);
+      const deleted = store.delete(id);
+      expect((await claim).status).toBe('completed');
+      expect(await deleted).toBe(true);
+      expect((await store.claim(id, INPUT)).status).toBe('acquired');
+    });
+
+    it('does not cache a replay whose batch was in flight when its id was deleted', async () => {
+      const store = redisStore({ client, prefix: own });
+      const id = await completed(store, 'deleted later');
+      const claim = store.claim(id, INPUT);
+      // The batch goes out at the end of this turn; delete right after it, before the reply.
+      const deleted = new Promise<boolean>((resolve, reject) => setImmediate(() => store.delete(id).then(resolve, reject)));
+      expect((await claim).status).toBe('completed');
+      expect(await deleted).toBe(true);
+      expect((await store.claim(id, INPUT)).status).toBe('acquired');
+    });
+  });
+
   describe('record layout and clock', () => {
     let store: ReturnType<typeof redisStore>;
     beforeAll(() => {
