@@ -44,7 +44,7 @@ describe('Engine', () => {
     const begun = await engine.begin({ id: key, fingerprint: 'f' });
     if (begun.kind !== 'run') throw new Error('expected run');
     await sleep(500);
-    await expect(engine.begin({ id: key, fingerprint: 'f' })).rejects.toMatchObject({ code: 'ONCELY_IN_FLIGHT' });
+    expect(await engine.begin({ id: key, fingerprint: 'f' })).toMatchObject({ error: { code: 'ONCELY_IN_FLIGHT' } });
     expect(begun.claim.signal.aborted).toBe(false);
     expect(await begun.claim.complete('done')).toBe(true);
     const replay = await engine.begin({ id: key, fingerprint: 'f' });
@@ -100,9 +100,9 @@ describe('Engine', () => {
     const engine = new Engine({ store: memoryStore() });
     const key = id();
     const begun = await engine.begin({ id: key, fingerprint: 'f1' });
-    await expect(engine.begin({ id: key, fingerprint: 'f2' })).rejects.toMatchObject({ code: 'ONCELY_FINGERPRINT_MISMATCH', status: 422 });
+    expect(await engine.begin({ id: key, fingerprint: 'f2' })).toMatchObject({ error: { code: 'ONCELY_FINGERPRINT_MISMATCH', status: 422 } });
     if (begun.kind === 'run') await begun.claim.complete('x');
-    await expect(engine.begin({ id: key, fingerprint: 'f2' })).rejects.toMatchObject({ code: 'ONCELY_FINGERPRINT_MISMATCH' });
+    expect(await engine.begin({ id: key, fingerprint: 'f2' })).toMatchObject({ error: { code: 'ONCELY_FINGERPRINT_MISMATCH' } });
   });
 
   it('waits for an in-flight duplicate and replays its outcome', async () => {
@@ -120,7 +120,7 @@ describe('Engine', () => {
     const key = id();
     await engine.begin({ id: key, fingerprint: null });
     const started = Date.now();
-    await expect(engine.begin({ id: key, fingerprint: null })).rejects.toMatchObject({ code: 'ONCELY_IN_FLIGHT' });
+    expect(await engine.begin({ id: key, fingerprint: null })).toMatchObject({ error: { code: 'ONCELY_IN_FLIGHT' } });
     expect(Date.now() - started).toBeGreaterThanOrEqual(90);
   });
 
@@ -133,7 +133,7 @@ describe('Engine', () => {
       claim: () => new Promise(() => {}),
     };
     const engine = new Engine({ store: slow, storeTimeoutMs: 50, hooks: { storeError: (e) => errors.push(e.operation) } });
-    await expect(engine.begin({ id: id(), fingerprint: null })).rejects.toMatchObject({ code: 'ONCELY_STORE_UNAVAILABLE', status: 503 });
+    expect(await engine.begin({ id: id(), fingerprint: null })).toMatchObject({ error: { code: 'ONCELY_STORE_UNAVAILABLE', status: 503 } });
     expect(errors).toEqual(['claim']);
   });
 
@@ -153,7 +153,7 @@ describe('idempotent()', () => {
         await sleep(50);
         return { charged: req.amount, run: runs };
       },
-      { store: memoryStore(), key: (req) => req.id, wait: { timeoutMs: 5_000, pollMs: 5 } },
+      { store: memoryStore(), namespace: 'charge', key: (req) => req.id, wait: { timeoutMs: 5_000, pollMs: 5 } },
     );
     const results = await Promise.all(Array.from({ length: 100 }, () => charge({ id: 'evt_1', amount: 5 })));
     expect(runs).toBe(1);
@@ -162,7 +162,7 @@ describe('idempotent()', () => {
   });
 
   it('refuses the same key with other arguments', async () => {
-    const fn = idempotent(async (_id: string, amount: number) => amount, { store: memoryStore(), key: (k) => k });
+    const fn = idempotent(async (_id: string, amount: number) => amount, { store: memoryStore(), namespace: 'amounts', key: (k) => k });
     await fn('k', 1);
     await expect(fn('k', 2)).rejects.toMatchObject({ code: 'ONCELY_FINGERPRINT_MISMATCH' });
   });
@@ -176,7 +176,7 @@ describe('idempotent()', () => {
         if (k === 'final') throw Object.assign(new Error('card declined'), { final: true, code: 'declined' });
         return 'ok';
       },
-      { store: memoryStore(), key: (k) => k },
+      { store: memoryStore(), namespace: 'flaky', key: (k) => k },
     );
     await expect(flaky('a')).rejects.toThrow('transient');
     expect(await flaky('a')).toBe('ok');
@@ -193,7 +193,7 @@ describe('idempotent()', () => {
         seen.push(currentRun()?.key ?? 'none');
         return undefined;
       },
-      { store: memoryStore(), key: () => 'job-1', fingerprint: false },
+      { store: memoryStore(), namespace: 'job', key: () => 'job-1', fingerprint: false },
     );
     expect(await fn()).toBeUndefined();
     expect(await fn()).toBeUndefined();

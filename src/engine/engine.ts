@@ -4,10 +4,11 @@ import {
   InFlightError,
   isOncelyError,
   LeaseLostError,
+  type OncelyError,
   StoreUnavailableError,
 } from '../errors/index.js';
 import { type Disposable, OncelyEmitter, type OncelyEventName, type OncelyHooks, type OncelyListener } from './events.js';
-import type { ClaimInput, ClaimResult, CompletedRecord, IdempotencyStore } from './store.js';
+import type { ClaimAcquired, ClaimInput, ClaimResult, CompletedRecord, IdempotencyStore } from './store.js';
 
 /** How long to wait for a duplicate that is still running before answering "in flight". */
 export interface WaitOptions {
@@ -39,6 +40,52 @@ export interface EngineOptions {
   hooks?: OncelyHooks;
 }
 
+/** The names of {@link EngineOptions}: a front door given an `engine` must not also be given these. */
+export const ENGINE_OPTION_NAMES = ['store', 'leaseMs', 'ttlMs', 'storeTimeoutMs', 'wait', 'failOpen', 'hooks'] as const;
+
+/**
+ * The one rule for engine settings in every front door: either an `engine`
+ * or the engine's own options, never a mix (a mix would silently ignore the
+ * options). Answers the engine to use.
+ *
+ * @throws {@link ConfigError} for a mix, or for neither.
+ * @internal Shared by the front doors.
+ */
+export function engineFrom(options: Partial<EngineOptions> & { engine?: Engine }, who: string): Engine {
+  if (options.engine !== undefined) {
+    const mixed = ENGINE_OPTION_NAMES.filter((name) => options[name] !== undefined);
+    if (mixed.length > 0) {
+      throw new ConfigError(
+        `${who} was given an \`engine\` and also ${mixed.map((n) => `\`${n}\``).join(', ')}: set those on the engine instead.`,
+      );
+    }
+    if (!(options.engine instanceof Engine)) throw new ConfigError(`${who}: \`engine\` must be an oncely Engine.`);
+    return options.engine;
+  }
+  if (!options.store) throw new ConfigError(`${who} needs a \`store\` (see oncely/stores/*) or an \`engine\`.`);
+  return new Engine(options as EngineOptions);
+}
+
+/**
+ * Check that a duration is a positive, finite number of ms (and at most
+ * `max`, when given). `undefined` passes (the default applies).
+ *
+ * @throws {@link ConfigError} naming the setting.
+ */
+export function checkDuration(name: string, value: unknown, max = Number.MAX_SAFE_INTEGER): void {
+  if (value === undefined) return;
+  if (typeof value !== 'number' || !Number.isFinite(value) || value <= 0 || value > max) {
+    throw new ConfigError(`${name} must be a positive number of ms${max < Number.MAX_SAFE_INTEGER ? ` up to ${max}` : ''}; got ${String(value)}.`);
+  }
+}
+
+function checkWait(name: string, wait: WaitOptions | false | undefined): void {
+  if (wait === undefined || wait === false) return;
+  if (typeof wait !== 'object' || wait === null) throw new ConfigError(`${name} must be false or { timeoutMs, pollMs? }.`);
+  checkDuration(`${name}.timeoutMs`, wait.timeoutMs);
+  checkDuration(`${name}.pollMs`, wait.pollMs);
+}
+
 /** What {@link Engine.begin} needs to know about one operation. */
 export interface BeginInput {
   /** Record id (see `recordId`). */
@@ -53,21 +100,79 @@ export interface BeginInput {
   wait?: WaitOptions | false;
 }
 
-/** The outcome of {@link Engine.begin}. */
-export type Begin =
+/** A begun operation that will not run here, with the error that says why. */
+export type Refused =
+  /** A duplicate is still running (after the optional wait). */
+  | { kind: 'in_flight'; error: InFlightError }
+  /** The key was used before for another request. */
+  | { kind: 'mismatch'; error: FingerprintMismatchError }
+  /** The store is down, too slow, or full: nothing was done. */
+  | { kind: 'unavailable'; error: OncelyError };
+
+/**
+ * The outcome of {@link Engine.begin}. Every expected situation is a result,
+ * not an exception: only a programming error throws.
+ */
+export type Begun =
   /** The operation completed before: replay this outcome. */
   | { kind: 'replay'; record: CompletedRecord }
-  /** This caller won the claim and must run the operation, then complete or release it. */
+  /** This caller won the claim and must run the operation; the claim must then be settled. */
   | { kind: 'run'; claim: Claim }
   /** The store is down and `failOpen` is set: run without idempotency. */
-  | { kind: 'bypass'; error: StoreUnavailableError };
+  | { kind: 'bypass'; error: StoreUnavailableError }
+  | Refused;
+
+/** @deprecated Renamed {@link Begun}. */
+export type Begin = Begun;
+
+/**
+ * How a claim ends: the outcome stored (replayed to every later copy), or
+ * the claim released (a retry runs again).
+ */
+export type Settlement =
+  | { kind: 'complete'; outcome: string; ttlMs?: number }
+  | { kind: 'release'; reason: string };
+
+/**
+ * What settling did:
+ * - `stored`: the outcome is stored;
+ * - `released`: the record was deleted, a retry runs again;
+ * - `fenced`: another owner took the record over, nothing was written;
+ * - `unsettled`: the store stayed unreachable until the lease deadline; the
+ *   record stays in progress until its lease ends, then may be taken over.
+ */
+export type Settled = 'stored' | 'released' | 'fenced' | 'unsettled';
+
+/**
+ * One operation run under a claim by {@link Claim.perform}: the work, and
+ * what to keep of its result.
+ */
+export interface Operation<T> {
+  /** The work. The claim is held (and its lease renewed) while it runs. */
+  run(claim: Claim): T | Promise<T>;
+  /** What to keep of a result. Default: store nothing and release. */
+  settle(result: T, claim: Claim): Settlement;
+  /**
+   * What to keep of a thrown error. Default (or when it answers
+   * `undefined`): release, or the claim's marker when an answer already
+   * went out (see {@link Claim.answered}).
+   */
+  failure?(error: unknown, claim: Claim): Settlement | undefined;
+}
+
+/** The result of {@link Claim.perform}. */
+export type Performed<T> =
+  | { ok: true; value: T; settled: Settled }
+  | { ok: false; error: unknown; settled: Settled };
 
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 
 /**
- * The engine: claim → run → complete or release, with leases renewed while
- * the operation runs and every write fenced by the claim's token. Front doors
- * (HTTP, functions, consumers) are thin translations onto it.
+ * The engine: claim → run → settle (complete or release), with leases
+ * renewed while the operation runs and every write fenced by the claim's
+ * token. It owns the lifecycle of every claim: front doors (HTTP, functions,
+ * consumers) only translate their world onto {@link Engine.begin} and
+ * {@link Claim.perform} or {@link Claim.settle}.
  *
  * @example
  * ```ts
@@ -77,8 +182,10 @@ const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout
  * const engine = new Engine({ store: memoryStore() });
  * const begun = await engine.begin({ id: recordId('order-42', 'acct_1'), fingerprint: null });
  * if (begun.kind === 'run') {
- *   const receipt = JSON.stringify({ shipped: true });
- *   await begun.claim.complete(receipt);
+ *   await begun.claim.perform({
+ *     run: async () => ({ shipped: true }),
+ *     settle: (receipt) => ({ kind: 'complete', outcome: JSON.stringify(receipt) }),
+ *   });
  * }
  * ```
  */
@@ -98,16 +205,14 @@ export class Engine {
   readonly #events: OncelyEmitter;
   readonly #synchronous: boolean;
 
+  /** @throws {@link ConfigError} for a missing store or a duration that is not a positive number of ms. */
   constructor(options: EngineOptions) {
     const { store, leaseMs = 30_000, ttlMs = 24 * 60 * 60 * 1000, storeTimeoutMs = 2_000, wait = false } = options;
     if (!store || typeof store.claim !== 'function') throw new ConfigError('oncely needs a store (see oncely/stores/*).');
-    for (const [name, value] of [
-      ['leaseMs', leaseMs],
-      ['ttlMs', ttlMs],
-      ['storeTimeoutMs', storeTimeoutMs],
-    ] as const) {
-      if (!Number.isFinite(value) || value <= 0) throw new ConfigError(`${name} must be a positive number of ms.`);
-    }
+    checkDuration('leaseMs', leaseMs);
+    checkDuration('ttlMs', ttlMs);
+    checkDuration('storeTimeoutMs', storeTimeoutMs);
+    checkWait('wait', wait);
     if (ttlMs < leaseMs) throw new ConfigError('ttlMs must be at least leaseMs.');
     this.store = store;
     this.leaseMs = leaseMs;
@@ -174,71 +279,131 @@ export class Engine {
     });
   }
 
-  #storeFailed(id: string | undefined, operation: string, error: unknown): unknown {
+  #storeFailed(id: string | undefined, operation: string, error: unknown): OncelyError {
     this.#events.emit('storeError', { id, operation, error });
     return isOncelyError(error) ? error : new StoreUnavailableError(undefined, { cause: error });
   }
 
+  #unavailable(error: OncelyError): Begun {
+    if (this.failOpen && error instanceof StoreUnavailableError) return { kind: 'bypass', error };
+    return { kind: 'unavailable', error };
+  }
+
   /**
    * Decide who runs the operation named by `input.id`: replay a completed
-   * outcome, hand back a {@link Claim} to run it, or throw.
-   *
-   * @throws {@link FingerprintMismatchError} the key was used for another request.
-   * @throws {@link InFlightError} a duplicate is still running (after the optional wait).
-   * @throws {@link StoreUnavailableError} the store is down (unless `failOpen`).
+   * outcome, hand back a {@link Claim} to run it, or say why it will not run
+   * here (in flight, fingerprint mismatch, store unavailable). Never rejects
+   * for those; only a programming error (bad input) throws.
    */
-  async begin(input: BeginInput): Promise<Begin> {
+  async begin(input: BeginInput): Promise<Begun> {
     const leaseMs = input.leaseMs ?? this.leaseMs;
     const ttlMs = input.ttlMs ?? this.ttlMs;
+    checkDuration('leaseMs', leaseMs);
+    checkDuration('ttlMs', ttlMs);
     const claimInput: ClaimInput = { fingerprint: input.fingerprint, leaseMs, ttlMs: Math.max(ttlMs, leaseMs) };
     const wait = input.wait ?? this.wait;
     const waitUntil = wait ? Date.now() + wait.timeoutMs : 0;
     let poll = wait ? (wait.pollMs ?? 50) : 0;
     for (;;) {
+      // The local lease deadline counts from before the claim was sent: never later than the store's.
+      const sentAt = Date.now();
       let result: ClaimResult;
       try {
         result = await this.storeCall(input.id, 'claim', () => this.store.claim(input.id, claimInput));
       } catch (error) {
-        if (this.failOpen && error instanceof StoreUnavailableError) return { kind: 'bypass', error };
-        throw error;
+        return this.#unavailable(error as OncelyError);
       }
-      switch (result.status) {
-        case 'acquired':
-          this.#events.emit('acquired', { id: input.id, takeover: result.takeover });
-          return { kind: 'run', claim: new Claim(this, input.id, result.token, result.takeover, leaseMs, ttlMs) };
-        case 'completed':
-          if (input.fingerprint !== null && result.record.fingerprint !== null && result.record.fingerprint !== input.fingerprint) {
-            this.#events.emit('mismatch', { id: input.id });
-            throw new FingerprintMismatchError();
-          }
-          this.#events.emit('replayed', { id: input.id });
-          return { kind: 'replay', record: result.record };
-        case 'in_progress': {
-          if (input.fingerprint !== null && result.fingerprint !== null && result.fingerprint !== input.fingerprint) {
-            this.#events.emit('mismatch', { id: input.id });
-            throw new FingerprintMismatchError();
-          }
-          const remaining = waitUntil - Date.now();
-          if (remaining <= 0) {
-            this.#events.emit('conflict', { id: input.id, leaseUntil: result.leaseUntil });
-            throw new InFlightError(result.leaseUntil, 1);
-          }
-          // Never sleep past the point where the lease could be taken over.
-          const untilLease = Math.max(1, result.leaseUntil - result.now + 1);
-          await sleep(Math.min(poll, remaining, untilLease));
-          poll = Math.min(poll * 2, 500);
+      const begun = this.#decide(input.id, input.fingerprint, result, sentAt, leaseMs, ttlMs);
+      if (begun.kind !== 'in_flight') return begun;
+      const inProgress = result as Extract<ClaimResult, { status: 'in_progress' }>;
+      const remaining = waitUntil - Date.now();
+      if (remaining <= 0) {
+        this.#events.emit('conflict', { id: input.id, leaseUntil: inProgress.leaseUntil });
+        return begun;
+      }
+      // Never sleep past the point where the lease could be taken over.
+      const untilLease = Math.max(1, inProgress.leaseUntil - inProgress.now + 1);
+      await sleep(Math.min(poll, remaining, untilLease));
+      poll = Math.min(poll * 2, 500);
+    }
+  }
+
+  /**
+   * Begin many operations in one store round trip (`claimMany` when the
+   * store has it), for batches of messages. Answers in the order of `ids`;
+   * every `run` must be settled (or released when the batch stops early).
+   * Ids must be unique. In-flight duplicates are answered at once (no wait).
+   *
+   * @throws {@link ConfigError} for repeated ids.
+   */
+  async beginMany(ids: readonly string[], options: Omit<BeginInput, 'id' | 'wait'> = { fingerprint: null }): Promise<Begun[]> {
+    if (ids.length === 0) return [];
+    if (new Set(ids).size !== ids.length) throw new ConfigError('beginMany needs unique ids.');
+    const leaseMs = options.leaseMs ?? this.leaseMs;
+    const ttlMs = options.ttlMs ?? this.ttlMs;
+    checkDuration('leaseMs', leaseMs);
+    checkDuration('ttlMs', ttlMs);
+    const claimInput: ClaimInput = { fingerprint: options.fingerprint, leaseMs, ttlMs: Math.max(ttlMs, leaseMs) };
+    const { store } = this;
+    const sentAt = Date.now();
+    let results: ClaimResult[];
+    try {
+      results = await this.storeCall(undefined, 'claimMany', () =>
+        store.claimMany ? store.claimMany(ids, claimInput) : Promise.all(ids.map((id) => store.claim(id, claimInput))),
+      );
+    } catch (error) {
+      const refused = this.#unavailable(error as OncelyError);
+      return ids.map(() => refused);
+    }
+    return ids.map((id, i) => {
+      const begun = this.#decide(id, options.fingerprint, results[i]!, sentAt, leaseMs, ttlMs);
+      if (begun.kind === 'in_flight') this.#events.emit('conflict', { id, leaseUntil: begun.error.leaseUntil });
+      return begun;
+    });
+  }
+
+  #decide(id: string, fingerprint: string | null, result: ClaimResult, sentAt: number, leaseMs: number, ttlMs: number): Begun {
+    switch (result.status) {
+      case 'acquired':
+        this.#events.emit('acquired', { id, takeover: result.takeover });
+        return { kind: 'run', claim: new Claim(this, id, result, sentAt, leaseMs, ttlMs) };
+      case 'completed':
+        if (fingerprint !== null && result.record.fingerprint !== null && result.record.fingerprint !== fingerprint) {
+          this.#events.emit('mismatch', { id });
+          return { kind: 'mismatch', error: new FingerprintMismatchError() };
         }
+        this.#events.emit('replayed', { id });
+        return { kind: 'replay', record: result.record };
+      case 'in_progress': {
+        if (fingerprint !== null && result.fingerprint !== null && result.fingerprint !== fingerprint) {
+          this.#events.emit('mismatch', { id });
+          return { kind: 'mismatch', error: new FingerprintMismatchError() };
+        }
+        const retryAfter = Math.max(1, Math.min(Math.ceil((result.leaseUntil - result.now) / 1000), 60));
+        return { kind: 'in_flight', error: new InFlightError(result.leaseUntil, retryAfter) };
       }
     }
   }
 }
 
+/** The states of a {@link Claim}: held until settled, or abandoned to its lease. */
+type ClaimState = 'held' | 'abandoned' | 'settling' | 'settled';
+
 /**
- * A won claim: this worker owns the operation until it completes, releases,
- * or loses its lease. The lease is renewed in the background at a third of
- * its length; when renewal is refused (taken over) or the lease runs out
- * while the store is unreachable, {@link Claim.signal} aborts with a
- * {@link LeaseLostError}.
+ * A won claim: this worker owns the operation until it settles it
+ * (complete or release) or loses its lease. Made only by the engine
+ * ({@link Engine.begin}, {@link Engine.beginMany}).
+ *
+ * - The lease is renewed in the background at a third of its length.
+ * - The lease deadline is tracked locally, from the moment the last
+ *   successful claim or renewal was sent: {@link Claim.signal} aborts with a
+ *   {@link LeaseLostError} at that deadline when renewals failed, or as soon
+ *   as a renewal is refused (taken over).
+ * - It settles once: the first {@link Claim.settle} (or `complete`,
+ *   `release`, `fail`) wins and later calls answer the same result.
+ * - {@link Claim.abandon} stops the renewals when the request is gone but
+ *   its handler may still be running: the claim then ends by its own
+ *   settlement if one still comes, or by its lease.
  */
 export class Claim {
   /** Record id. */
@@ -247,32 +412,30 @@ export class Claim {
   readonly token: string;
   /** True when this claim took over an expired lease (an earlier attempt crashed or stalled). */
   readonly takeover: boolean;
-  /** Retention the outcome is stored with unless {@link Claim.complete} says otherwise, ms. */
+  /** Retention the outcome is stored with unless the settlement says otherwise, ms. */
   readonly ttlMs: number;
   readonly #engine: Engine;
   readonly #leaseMs: number;
   // Made on first use: most runs never look at their signal.
   #abort: AbortController | undefined;
   #lostReason: LeaseLostError | undefined;
-  #timer: NodeJS.Timeout | undefined;
+  #renewTimer: NodeJS.Timeout | undefined;
+  #deadlineTimer: NodeJS.Timeout | undefined;
   #leaseUntil: number;
-  #settled = false;
+  #state: ClaimState = 'held';
+  #settled: Promise<Settled> | undefined;
+  #marker: string | undefined;
 
-  /**
-   * Made by {@link Engine.begin}, or by a front door that won a claim in a
-   * batch (`claimMany`): it starts renewing the lease at once.
-   */
-  constructor(engine: Engine, id: string, token: string, takeover: boolean, leaseMs: number, ttlMs: number) {
+  /** @internal Made by the engine, which has just won the claim. */
+  constructor(engine: Engine, id: string, acquired: ClaimAcquired, sentAt: number, leaseMs: number, ttlMs: number) {
     this.#engine = engine;
     this.id = id;
-    this.token = token;
-    this.takeover = takeover;
+    this.token = acquired.token;
+    this.takeover = acquired.takeover;
     this.ttlMs = ttlMs;
     this.#leaseMs = leaseMs;
-    // Local estimate of the lease deadline, used only to decide when an
-    // unreachable store means the lease must be presumed lost.
-    this.#leaseUntil = Date.now() + leaseMs;
-    this.#schedule();
+    this.#leaseUntil = sentAt + leaseMs;
+    this.#scheduleRenewal();
   }
 
   /** Aborts when the lease is lost; pass it to the work so that it can stop early. */
@@ -284,104 +447,235 @@ export class Claim {
     return this.#abort.signal;
   }
 
-  /** True once the lease is known lost: the outcome will not be stored. */
+  /** True once the lease is known lost (refused, or its deadline passed unrenewed). */
   get lost(): boolean {
     return this.#lostReason !== undefined;
+  }
+
+  /** The local lease deadline (epoch ms): the signal fires then unless a renewal moves it. */
+  get leaseUntil(): number {
+    return this.#leaseUntil;
+  }
+
+  /** True once a settlement has begun (the claim will not be renewed again). */
+  get settling(): boolean {
+    return this.#state === 'settling' || this.#state === 'settled';
+  }
+
+  /**
+   * Note that an answer has started to reach the client (response headers
+   * or the first bytes of a stream). From now on a failure cannot be
+   * released (the client may have acted on what it got): it completes with
+   * this `marker` outcome instead, so the operation is never run again.
+   */
+  answered(marker: string): void {
+    this.#marker = marker;
+  }
+
+  /** The marker given to {@link Claim.answered}, if an answer went out. */
+  get marker(): string | undefined {
+    return this.#marker;
   }
 
   #markLost(): void {
     if (this.#lostReason !== undefined) return;
     this.#lostReason = new LeaseLostError();
+    clearTimeout(this.#deadlineTimer);
+    this.#engine.emit('leaseLost', { id: this.id });
     this.#abort?.abort(this.#lostReason);
   }
 
-  #schedule(): void {
-    this.#timer = setTimeout(() => void this.#renew(), Math.max(10, Math.floor(this.#leaseMs / 3)));
-    this.#timer.unref();
+  #scheduleRenewal(): void {
+    this.#renewTimer = setTimeout(() => void this.#renew(), Math.max(10, Math.floor(this.#leaseMs / 3)));
+    this.#renewTimer.unref();
+  }
+
+  // The deadline is armed only while a renewal is outstanding or failing:
+  // a run that renews on time never needs it.
+  #armDeadline(): void {
+    if (this.#deadlineTimer !== undefined || this.#lostReason !== undefined) return;
+    this.#deadlineTimer = setTimeout(() => {
+      this.#deadlineTimer = undefined;
+      this.#markLost();
+    }, Math.max(0, this.#leaseUntil - Date.now()));
+    this.#deadlineTimer.unref();
+  }
+
+  #disarmDeadline(): void {
+    clearTimeout(this.#deadlineTimer);
+    this.#deadlineTimer = undefined;
   }
 
   async #renew(): Promise<void> {
-    if (this.#settled) return;
-    const started = Date.now();
+    if (this.#state !== 'held') return;
+    const sentAt = Date.now();
+    this.#armDeadline();
     try {
       const ok = await this.#engine.storeCall(this.id, 'renew', () =>
         this.#engine.store.renew(this.id, this.token, this.#leaseMs),
       );
-      if (this.#settled) return;
+      if (this.#state !== 'held') return;
       if (!ok) {
         this.#engine.emit('fenced', { id: this.id, operation: 'renew' });
-        this.#lose();
+        this.#markLost();
         return;
       }
-      this.#leaseUntil = started + this.#leaseMs;
+      this.#leaseUntil = sentAt + this.#leaseMs;
+      this.#disarmDeadline();
     } catch {
-      if (this.#settled) return;
+      if (this.#state !== 'held') return;
       if (Date.now() >= this.#leaseUntil) {
-        this.#lose();
+        this.#markLost();
         return;
       }
     }
-    this.#schedule();
+    this.#scheduleRenewal();
   }
 
-  #lose(): void {
-    this.#stop();
-    this.#markLost();
-  }
-
-  #stop(): void {
-    this.#settled = true;
-    clearTimeout(this.#timer);
+  #stopRenewing(): void {
+    clearTimeout(this.#renewTimer);
+    this.#renewTimer = undefined;
   }
 
   /**
-   * Store the outcome so that every duplicate gets it. Answers `false` when
-   * this worker no longer owns the record (its lease was taken over): the
-   * outcome is then not stored, and the new owner's record is untouched.
-   *
-   * @throws {@link StoreUnavailableError} when the store stays unreachable
-   *   (after a few quick retries); the record then stays in progress until
-   *   its lease ends.
+   * The request behind this claim is gone (its connection closed) while its
+   * handler may still be running. Stop renewing: if the handler still
+   * settles, that settlement counts; if not, the lease runs out and a retry
+   * may take over, and the signal fires at the deadline. An answer that
+   * already went out ({@link Claim.answered}) is completed with its marker
+   * at once instead.
+   */
+  abandon(): void {
+    if (this.#state !== 'held') return;
+    if (this.#marker !== undefined) {
+      void this.settle({ kind: 'complete', outcome: this.#marker });
+      return;
+    }
+    this.#state = 'abandoned';
+    this.#stopRenewing();
+    this.#armDeadline();
+  }
+
+  /**
+   * End the claim: store the outcome, or release the record. The first
+   * settlement wins; later calls answer its result. A completion that
+   * cannot reach the store is retried with the same token until the lease
+   * deadline. Never rejects for store failures (see {@link Settled}).
+   */
+  settle(settlement: Settlement): Promise<Settled> {
+    if (this.#settled !== undefined) return this.#settled;
+    this.#state = 'settling';
+    this.#stopRenewing();
+    this.#settled = (settlement.kind === 'complete' ? this.#complete(settlement.outcome, settlement.ttlMs ?? this.ttlMs) : this.#release(settlement.reason)).then(
+      (settled) => {
+        this.#state = 'settled';
+        this.#disarmDeadline();
+        return settled;
+      },
+    );
+    return this.#settled;
+  }
+
+  /**
+   * Settle a run that failed: release it, or, when an answer already went
+   * out, complete it with its marker so that it is never run again.
+   */
+  fail(reason: string): Promise<Settled> {
+    return this.settle(this.#marker !== undefined ? { kind: 'complete', outcome: this.#marker } : { kind: 'release', reason });
+  }
+
+  /**
+   * Run `operation` under this claim and settle it on every path: its
+   * result is settled as `operation.settle` says; a thrown error (or a
+   * `settle` that throws) as `operation.failure` says, by default released
+   * (or completed with the marker when an answer already went out).
+   */
+  async perform<T>(operation: Operation<T>): Promise<Performed<T>> {
+    let value: T;
+    try {
+      value = await operation.run(this);
+    } catch (error) {
+      return { ok: false, error, settled: await this.#settleFailure(operation, error) };
+    }
+    let settlement: Settlement;
+    try {
+      settlement = operation.settle(value, this);
+    } catch (error) {
+      return { ok: false, error, settled: await this.#settleFailure(operation, error) };
+    }
+    return { ok: true, value, settled: await this.settle(settlement) };
+  }
+
+  #settleFailure<T>(operation: Operation<T>, error: unknown): Promise<Settled> {
+    let settlement: Settlement | undefined;
+    try {
+      settlement = operation.failure?.(error, this);
+    } catch {
+      settlement = undefined;
+    }
+    return settlement ? this.settle(settlement) : this.fail('operation failed');
+  }
+
+  async #complete(outcome: string, ttlMs: number): Promise<Settled> {
+    const engine = this.#engine;
+    const { store } = engine;
+    let pause = 50;
+    for (;;) {
+      try {
+        const ok = await engine.storeCall(this.id, 'complete', () => store.complete(this.id, this.token, outcome, ttlMs));
+        if (ok) {
+          engine.emit('stored', { id: this.id, bytes: outcome.length });
+          return 'stored';
+        }
+        engine.emit('fenced', { id: this.id, operation: 'complete' });
+        this.#markLost();
+        return 'fenced';
+      } catch (error) {
+        // Only an unreachable store is worth another try; and only while the
+        // lease is ours, so a retry can never land after a takeover.
+        const remaining = this.#leaseUntil - Date.now();
+        if (!(error instanceof StoreUnavailableError) || remaining <= pause) {
+          engine.emit('unsettled', { id: this.id, error });
+          return 'unsettled';
+        }
+        await sleep(pause);
+        pause = Math.min(pause * 2, 1_000);
+      }
+    }
+  }
+
+  async #release(reason: string): Promise<Settled> {
+    const engine = this.#engine;
+    try {
+      const ok = await engine.storeCall(this.id, 'release', () => engine.store.release(this.id, this.token));
+      if (ok) {
+        engine.emit('released', { id: this.id, reason });
+        return 'released';
+      }
+      engine.emit('fenced', { id: this.id, operation: 'release' });
+      return 'fenced';
+    } catch (error) {
+      // The lease ends by itself; a retry can take over then.
+      engine.emit('unsettled', { id: this.id, error });
+      return 'unsettled';
+    }
+  }
+
+  /**
+   * Store the outcome so that every duplicate gets it: {@link Claim.settle}
+   * with a completion. Answers `true` when stored, `false` when this worker
+   * no longer owns the record (fenced) or the store stayed unreachable until
+   * the lease deadline.
    */
   async complete(outcome: string, ttlMs: number = this.ttlMs): Promise<boolean> {
-    this.#stop();
-    const { store } = this.#engine;
-    let lastError: unknown;
-    for (let attempt = 0; attempt < 3; attempt++) {
-      try {
-        const ok = await this.#engine.storeCall(this.id, 'complete', () =>
-          store.complete(this.id, this.token, outcome, ttlMs),
-        );
-        if (ok) this.#engine.emit('stored', { id: this.id, bytes: outcome.length });
-        else {
-          this.#engine.emit('fenced', { id: this.id, operation: 'complete' });
-          this.#markLost();
-        }
-        return ok;
-      } catch (error) {
-        lastError = error;
-        if (!(error instanceof StoreUnavailableError)) break;
-        await sleep(50 * (attempt + 1));
-      }
-    }
-    throw lastError;
+    return (await this.settle({ kind: 'complete', outcome, ttlMs })) === 'stored';
   }
 
   /**
-   * Delete the claim so that a retry runs the operation again (the outcome
-   * was a retryable failure). Answers `false` when this worker no longer owns
-   * the record. Never throws: a release that cannot reach the store is
-   * reported as a `storeError` event, and the lease then ends by itself.
+   * Delete the claim so that a retry runs the operation again:
+   * {@link Claim.settle} with a release. Answers `true` when released.
    */
   async release(reason = 'retryable failure'): Promise<boolean> {
-    this.#stop();
-    try {
-      const ok = await this.#engine.storeCall(this.id, 'release', () => this.#engine.store.release(this.id, this.token));
-      if (ok) this.#engine.emit('released', { id: this.id, reason });
-      else this.#engine.emit('fenced', { id: this.id, operation: 'release' });
-      return ok;
-    } catch {
-      return false;
-    }
+    return (await this.settle({ kind: 'release', reason })) === 'released';
   }
 }

@@ -16,6 +16,13 @@ export interface OncelyEvents {
   fenced: { id: string; operation: 'renew' | 'complete' | 'release' };
   /** The store failed or timed out. */
   storeError: { id: string | undefined; operation: string; error: unknown };
+  /** The lease ended unrenewed (or was refused): the run's `signal` fired; its outcome may not be stored. */
+  leaseLost: { id: string };
+  /**
+   * A settlement could not reach the store before the lease deadline: the
+   * record stays in progress until its lease ends, then a retry may run again.
+   */
+  unsettled: { id: string; error: unknown };
 }
 
 /** Names of the engine's events. */

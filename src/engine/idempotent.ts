@@ -1,6 +1,6 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
-import { ConfigError } from '../errors/index.js';
-import { Engine, type EngineOptions, type WaitOptions } from './engine.js';
+import { ConfigError, NotReplayableError } from '../errors/index.js';
+import { checkDuration, type Engine, type EngineOptions, engineFrom, type WaitOptions } from './engine.js';
 import { fingerprintOf, recordId } from './fingerprint.js';
 
 /** What a wrapped function can learn about its own run (the last argument is not touched; use {@link currentRun}). */
@@ -52,6 +52,8 @@ interface StoredValue {
   u?: 1;
   /** A final error: name, message, code. */
   e?: { name: string; message: string; code?: unknown };
+  /** The call completed, but its result could not be stored as JSON: never run again, never replayed. */
+  m?: 1;
 }
 
 const runs = new AsyncLocalStorage<RunContext>();
@@ -85,13 +87,19 @@ export function idempotent<A extends unknown[], R>(
   fn: (...args: A) => Promise<R>,
   options: IdempotentOptions<A>,
 ): (...args: A) => Promise<R> {
-  const engine =
-    options.engine ??
-    (options.store
-      ? new Engine(options as EngineOptions)
-      : (() => {
-          throw new ConfigError('idempotent() needs a store or an engine.');
-        })());
+  if (typeof fn !== 'function') throw new ConfigError('idempotent() wraps a function.');
+  if (typeof options?.key !== 'function') throw new ConfigError('idempotent() needs a `key` function.');
+  // Lease, retention and wait are this wrapper's own settings (passed per call), so they go with an
+  // `engine` too; the store-wide ones follow the one rule: an engine, or its options.
+  const { leaseMs, ttlMs, wait, store, storeTimeoutMs, failOpen, hooks } = options;
+  const engine = engineFrom({ engine: options.engine, store, storeTimeoutMs, failOpen, hooks }, 'idempotent()');
+  checkDuration('leaseMs', leaseMs);
+  checkDuration('ttlMs', ttlMs);
+  // Two wrappers sharing a namespace share their keys: an empty name
+  // (an inline arrow function) would put every such wrapper in one.
+  if (options.namespace === undefined && !fn.name) {
+    throw new ConfigError('idempotent() of an anonymous function needs a `namespace` (wrappers without one would share keys).');
+  }
   const namespace = options.namespace ?? `fn:${fn.name}`;
   const fingerprint = options.fingerprint;
   const isFinal = options.isFinal ?? ((error: unknown) => (error as { final?: unknown } | null)?.final === true);
@@ -101,33 +109,59 @@ export function idempotent<A extends unknown[], R>(
     if (typeof key !== 'string' || key.length === 0) throw new ConfigError('The key function must return a non-empty string.');
     const id = recordId(key, options.scope?.(...args) ?? '', namespace);
     const fp = fingerprint === false ? null : fingerprintOf(fingerprint ? fingerprint(...args) : args);
-    const begun = await engine.begin({ id, fingerprint: fp, leaseMs: options.leaseMs, ttlMs: options.ttlMs, wait: options.wait });
-    if (begun.kind === 'replay') return revive<R>(begun.record.outcome);
-    if (begun.kind === 'bypass') return fn(...args);
-    const { claim } = begun;
-    let result: R;
-    try {
-      result = await runs.run({ key, id, takeover: claim.takeover, signal: claim.signal }, () => fn(...args));
-    } catch (error) {
-      if (isFinal(error)) {
-        const e = error as { name?: unknown; message?: unknown; code?: unknown };
-        const stored: StoredValue = {
-          e: { name: String(e?.name ?? 'Error'), message: String(e?.message ?? error), code: e?.code },
-        };
-        await claim.complete(JSON.stringify(stored));
-      } else {
-        await claim.release('thrown error');
-      }
-      throw error;
+    const begun = await engine.begin({ id, fingerprint: fp, leaseMs, ttlMs, wait });
+    switch (begun.kind) {
+      case 'replay':
+        return revive<R>(begun.record.outcome);
+      case 'bypass':
+        return fn(...args);
+      case 'run':
+        break;
+      default:
+        throw begun.error;
     }
-    const stored: StoredValue = result === undefined ? { u: 1 } : { v: result };
-    await claim.complete(JSON.stringify(stored));
-    return result;
+    const { claim } = begun;
+    const performed = await claim.perform<R>({
+      run: () => runs.run({ key, id, takeover: claim.takeover, signal: claim.signal }, () => fn(...args)),
+      settle: (result) => ({ kind: 'complete', outcome: storedResult(result) }),
+      failure: (error) => (isFinal(error) ? { kind: 'complete', outcome: storedError(error) } : undefined),
+    });
+    if (performed.ok) return performed.value;
+    throw performed.error;
   };
+}
+
+/** The result as stored: JSON, or a marker when JSON cannot hold it (the effect ran; it must never run again). */
+function storedResult(result: unknown): string {
+  if (result === undefined) return JSON.stringify({ u: 1 } satisfies StoredValue);
+  try {
+    const json = JSON.stringify({ v: result } satisfies StoredValue);
+    if (json !== undefined) return json;
+  } catch {
+    // BigInt, a cycle, a throwing toJSON: fall through to the marker.
+  }
+  return JSON.stringify({ m: 1 } satisfies StoredValue);
+}
+
+function storedError(error: unknown): string {
+  const e = error as { name?: unknown; message?: unknown; code?: unknown } | null;
+  const stored: StoredValue = { e: { name: String(e?.name ?? 'Error'), message: String(e?.message ?? error), code: e?.code } };
+  try {
+    return JSON.stringify(stored);
+  } catch {
+    return JSON.stringify({ e: { name: stored.e!.name, message: stored.e!.message } } satisfies StoredValue);
+  }
 }
 
 function revive<R>(outcome: string): R {
   const stored = JSON.parse(outcome) as StoredValue;
+  if (stored.m) {
+    throw new NotReplayableError(
+      200,
+      undefined,
+      'The call completed, but its result could not be stored as JSON, so it is not repeated and cannot be replayed.',
+    );
+  }
   if (stored.e) {
     const error = new Error(stored.e.message) as Error & { code?: unknown; replayed: true; final: true };
     error.name = stored.e.name;

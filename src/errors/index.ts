@@ -144,13 +144,14 @@ export class NotReplayableError extends OncelyError {
   readonly originalStatus: number;
   /** The original `Location`, when there was one. */
   readonly location: string | undefined;
-  constructor(originalStatus: number, location?: string) {
+  constructor(originalStatus: number, location?: string, detail?: string) {
     super(
       'ONCELY_NOT_REPLAYABLE',
       409,
       'completed-not-replayable',
       'Operation already completed',
-      `The operation completed with status ${originalStatus}; its response was not stored (too large or streamed), so it is not repeated and cannot be replayed.`,
+      detail ??
+        `The operation completed with status ${originalStatus}; its response was not stored (too large or streamed), so it is not repeated and cannot be replayed.`,
     );
     this.originalStatus = originalStatus;
     this.location = location;

@@ -121,7 +121,7 @@ export async function oncely(fastify: FastifyInstance, options: FastifyIdempoten
     if (run === undefined) return;
     // The reply went out without passing onSend (hijacked): nothing to store.
     request[kRun] = undefined;
-    await core.abandon(run, 'response not captured');
+    await core.fail(run, 'response not captured');
   });
 }
 

@@ -172,7 +172,7 @@ export function withIdempotency<A extends unknown[]>(
     try {
       response = await handler(forward, ...rest);
     } catch (error) {
-      await core.abandon(run, 'handler threw');
+      await core.fail(run, 'handler threw');
       throw error;
     }
     const headers = core.captureHeaders((name) => response.headers.get(name));

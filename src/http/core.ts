@@ -1,4 +1,4 @@
-import { type Claim, Engine, type EngineOptions, type WaitOptions } from '../engine/engine.js';
+import { type Claim, checkDuration, type Engine, type EngineOptions, engineFrom, type Settled, type WaitOptions } from '../engine/engine.js';
 import { type FingerprintInput, fingerprintOf, fingerprintV1, recordId } from '../engine/fingerprint.js';
 import { parseIdempotencyKey } from '../engine/key.js';
 import { isThenable } from '../engine/thenable.js';
@@ -10,7 +10,6 @@ import {
   NotReplayableError,
   type OncelyError,
   ScopeMissingError,
-  StoreUnavailableError,
 } from '../errors/index.js';
 import { decodeOutcome, encodeOutcome, type HttpResponse } from './outcome.js';
 import { DEFAULT_REPLAY_HEADERS, defaultOutcomePolicy, NEVER_REPLAYED, type OutcomeDecision } from './policy.js';
@@ -186,7 +185,7 @@ export class HttpIdempotency<R> {
 
   constructor(options: HttpIdempotencyOptions<R>) {
     this.#options = options;
-    this.engine = options.engine ?? this.#makeEngine(options);
+    this.engine = engineFrom(options, 'oncely');
     this.#methods = new Set((options.methods ?? ['POST', 'PATCH']).map((m) => m.toUpperCase()));
     this.#replayHeaders = new Set(
       [...DEFAULT_REPLAY_HEADERS, ...(options.replayHeaders ?? []).map((h) => h.toLowerCase())].filter(
@@ -201,6 +200,9 @@ export class HttpIdempotency<R> {
     if (options.keyFromFingerprint && options.fingerprint === false) {
       throw new ConfigError('keyFromFingerprint needs a fingerprint.');
     }
+    if (options.keyFromFingerprint) checkDuration('keyFromFingerprint.windowMs', options.keyFromFingerprint.windowMs);
+    checkDuration('maxStoredBytes', this.maxStoredBytes);
+    checkDuration('maxBodyBytes', this.maxBodyBytes);
     if (options.scope === undefined && !warned.has(this.engine)) {
       warned.add(this.engine);
       (options.logger ?? console).warn(
@@ -208,11 +210,6 @@ export class HttpIdempotency<R> {
           'Pass `scope: (req) => accountId`, or `scope: false` to confirm global keys.',
       );
     }
-  }
-
-  #makeEngine(options: HttpIdempotencyOptions<R>): Engine {
-    if (!options.store) throw new ConfigError('oncely needs a `store` or an `engine`.');
-    return new Engine(options as EngineOptions);
   }
 
   /** True when this method is made idempotent. */
@@ -246,15 +243,17 @@ export class HttpIdempotency<R> {
         scope = s;
       }
       const id = recordId(key, scope, options.namespace);
-      const begun = await this.engine.begin({
-        id,
-        fingerprint,
-        ttlMs,
-        leaseMs: overrides.leaseMs ?? options.leaseMs,
-        wait: overrides.wait ?? options.wait,
-      });
-      if (begun.kind === 'replay') return { kind: 'respond', response: this.#replay(begun.record.outcome) };
-      return { kind: 'run', run: new Run(begun.kind === 'run' ? begun.claim : null, key, id, ttlMs) };
+      const begun = await this.engine.begin({ id, fingerprint, ttlMs, leaseMs: overrides.leaseMs, wait: overrides.wait });
+      switch (begun.kind) {
+        case 'replay':
+          return { kind: 'respond', response: this.#replay(begun.record.outcome) };
+        case 'run':
+          return { kind: 'run', run: new Run(begun.claim, key, id, ttlMs) };
+        case 'bypass':
+          return { kind: 'run', run: new Run(null, key, id, ttlMs) };
+        default:
+          return { kind: 'respond', response: problemResponse(begun.error) };
+      }
     } catch (error) {
       if (isOncelyError(error)) return { kind: 'respond', response: problemResponse(error) };
       throw error;
@@ -308,42 +307,62 @@ export class HttpIdempotency<R> {
 
   /**
    * Settle a run once the handler's response is known: store it (per the
-   * outcome policy) before it is sent, or release the claim. Never throws: a
-   * store failure here is reported as an event and the response still goes out.
+   * outcome policy) before it is sent, or release the claim. Never throws:
+   * a store that stays down is reported as an event, the response still goes
+   * out, and the record stays in progress until its lease ends.
    */
-  async finish(run: HttpRun, finished: HttpFinish): Promise<void> {
+  finish(run: HttpRun, finished: HttpFinish): Promise<Settled | undefined> {
     const { claim } = run;
-    if (claim === null) return;
+    if (claim === null) return Promise.resolve(undefined);
     const status = finished.kind === 'response' ? finished.response.status : finished.status;
     const decision = run.decision ?? this.#policy(status);
-    if (decision === 'release') {
-      await claim.release(`status ${status}`);
-      return;
-    }
+    if (decision === 'release') return claim.settle({ kind: 'release', reason: `status ${status}` });
     let outcome: string;
     if (this.#options.strategy === 'constraint') outcome = encodeOutcome({ kind: 'processed', status });
-    else if (finished.kind === 'unstorable') {
-      const location = finished.headers.find(([name]) => name.toLowerCase() === 'location')?.[1];
-      outcome = encodeOutcome({ kind: 'marker', status, location });
-    } else {
+    else if (finished.kind === 'unstorable') outcome = this.#marker(status, finished.headers);
+    else {
       const { response } = finished;
       outcome = encodeOutcome({
         kind: 'response',
         response: { status, headers: this.#replayable(response.headers), body: response.body },
       });
     }
-    try {
-      await claim.complete(outcome, run.ttlMs);
-    } catch (error) {
-      // The effect happened; the caller still gets its answer. The record
-      // stays in progress until its lease ends (see docs/http.md).
-      if (!(error instanceof StoreUnavailableError)) throw error;
-    }
+    return claim.settle({ kind: 'complete', outcome, ttlMs: run.ttlMs });
   }
 
-  /** Release a run whose handler failed without producing a response. */
-  async abandon(run: HttpRun, reason: string): Promise<void> {
-    await run.claim?.release(reason);
+  #marker(status: number, headers: ReadonlyArray<[string, string]>): string {
+    if (this.#options.strategy === 'constraint') return encodeOutcome({ kind: 'processed', status });
+    const location = headers.find(([name]) => name.toLowerCase() === 'location')?.[1];
+    return encodeOutcome({ kind: 'marker', status, location });
+  }
+
+  /**
+   * The response's status and headers have started to reach the client (a
+   * stream, a hijacked reply): if the run fails from now on, it completes
+   * with a marker (never run again) instead of being released, unless the
+   * outcome policy releases this status anyway.
+   */
+  answered(run: HttpRun, status: number, headers: ReadonlyArray<[string, string]>): void {
+    const { claim } = run;
+    if (claim === null) return;
+    if ((run.decision ?? this.#policy(status)) === 'release') return;
+    claim.answered(this.#marker(status, headers));
+  }
+
+  /**
+   * Settle a run whose handler failed without a complete response: released,
+   * or completed with its marker when an answer had already gone out.
+   */
+  fail(run: HttpRun, reason: string): Promise<Settled | undefined> {
+    return run.claim === null ? Promise.resolve(undefined) : run.claim.fail(reason);
+  }
+
+  /**
+   * The request's connection closed before its response was complete, and
+   * its handler may still be running: stop renewing (see {@link Claim.abandon}).
+   */
+  gone(run: HttpRun): void {
+    run.claim?.abandon();
   }
 
   /** The problem response for an oncely error. */
