@@ -244,25 +244,36 @@ end
 //   n token leaseMs                     renew
 //   m token outcome ttlMs               complete
 //   x token                             release
-// Answers one entry per operation, in order.
+// Answers one entry per operation, in order. Each operation runs under
+// pcall: one that fails (a key of the wrong type, say) answers {'!', error}
+// in its own slot, and the others run and answer as usual, so one request's
+// bad key never fails the requests that happen to share its batch. Every
+// operation reads before it writes, so one failing on its first command
+// (WRONGTYPE) has changed nothing.
 const BATCH = `${PRELUDE}${OPERATIONS}
+local function failed(e)
+  if type(e) == 'table' and e.err then return {'!', e.err} end
+  return {'!', tostring(e)}
+end
 local now = now_ms()
 local out = {}
 for i, key in ipairs(KEYS) do
   local b = (i - 1) * ${STRIDE}
   local op = ARGV[b + 1]
+  local ok, r
   if op == 'c' then
     local lease = tonumber(ARGV[b + 4])
-    out[i] = claim(key, ARGV[b + 2], ARGV[b + 3], lease, math.max(tonumber(ARGV[b + 5]), lease), now)
+    ok, r = pcall(claim, key, ARGV[b + 2], ARGV[b + 3], lease, math.max(tonumber(ARGV[b + 5]), lease), now)
   elseif op == 'n' then
-    out[i] = renew(key, ARGV[b + 2], tonumber(ARGV[b + 3]), now)
+    ok, r = pcall(renew, key, ARGV[b + 2], tonumber(ARGV[b + 3]), now)
   elseif op == 'm' then
-    out[i] = complete(key, ARGV[b + 2], ARGV[b + 3], tonumber(ARGV[b + 4]), now)
+    ok, r = pcall(complete, key, ARGV[b + 2], ARGV[b + 3], tonumber(ARGV[b + 4]), now)
   elseif op == 'x' then
-    out[i] = release(key, ARGV[b + 2])
+    ok, r = pcall(release, key, ARGV[b + 2])
   else
     return redis.error_reply('oncely: unknown operation ' .. tostring(op))
   end
+  if ok then out[i] = r else out[i] = failed(r) end
 end
 return out
 `;
@@ -360,6 +371,9 @@ function list(value: unknown): unknown[] {
   return value;
 }
 
+// The answer of an operation that failed inside BATCH: {'!', Redis's error message}.
+const isFailure = (reply: unknown): reply is [unknown, unknown] => Array.isArray(reply) && text(reply[0]) === '!';
+
 const encodeFingerprint = (fingerprint: string | null): string => (fingerprint === null ? '-' : `=${fingerprint}`);
 
 function decodeFingerprint(value: unknown): string | null {
@@ -449,7 +463,11 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
           for (const op of ops) op.reject(error);
           return;
         }
-        for (let i = 0; i < ops.length; i++) ops[i]!.resolve(replies[i]);
+        for (let i = 0; i < ops.length; i++) {
+          const reply = replies[i];
+          if (isFailure(reply)) ops[i]!.reject(new Error(text(reply[1])));
+          else ops[i]!.resolve(reply);
+        }
       },
       (error: unknown) => {
         // A cluster client that was not detected: the server refused the
@@ -566,8 +584,19 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
       const generations = boarded.map((flight) => flight.generation);
       submit(pairs.map(([op]) => op));
       try {
-        const raws = await Promise.all(pairs.map(([, answer]) => answer));
-        return raws.map((raw, i) => claimed(ids[i]!, raw, tokens[i]!, generations[i]!, boarded[i]!));
+        const settled = await Promise.allSettled(pairs.map(([, answer]) => answer));
+        const failure = settled.find((s) => s.status === 'rejected');
+        if (failure !== undefined) {
+          // All or nothing: the caller gets no tokens, so release every
+          // claim of the batch (fenced by token: one that never took
+          // effect changes nothing), or they would stay in progress under
+          // tokens nobody holds. Best effort: the first error is the answer.
+          await Promise.allSettled(ids.map((id, i) => one(id, 'x', tokens[i]!)));
+          throw failure.reason;
+        }
+        return settled.map((s, i) =>
+          claimed(ids[i]!, (s as PromiseFulfilledResult<unknown>).value, tokens[i]!, generations[i]!, boarded[i]!),
+        );
       } finally {
         for (const [i, flight] of boarded.entries()) land(ids[i]!, flight);
       }

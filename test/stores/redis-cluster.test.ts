@@ -143,6 +143,27 @@ for (const [kind, { open, close }] of Object.entries(clients) as [
       }
     });
 
+    it('fails only the claim whose key is of the wrong type, and undoes the rest of a claimMany it was in', async () => {
+      const store = redisStore({ client, prefix: own });
+      const input = { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 };
+      const bad = newId();
+      await admin.rpush(store.keyOf(bad), 'not a record');
+      const good = Array.from({ length: 5 }, newId);
+      const settled = await Promise.allSettled([...good, bad].map((id) => store.claim(id, input)));
+      expect(settled.map((s) => s.status)).toEqual([...good.map(() => 'fulfilled'), 'rejected']);
+      expect(String((settled[5] as PromiseRejectedResult).reason?.message)).toMatch(/WRONGTYPE/);
+      for (const [i, id] of good.entries()) {
+        const claim = (settled[i] as PromiseFulfilledResult<Awaited<ReturnType<typeof store.claim>>>).value;
+        if (claim.status !== 'acquired') throw new Error(`expected acquired, got ${claim.status}`);
+        expect(await store.complete(id, claim.token, 'done', 60_000)).toBe(true);
+      }
+      // A claimMany spread over the masters: the ids that were claimed are released again.
+      const mine = Array.from({ length: 6 }, newId);
+      await expect(store.claimMany!([...mine, bad], input)).rejects.toThrow(/WRONGTYPE/);
+      for (const id of mine) expect(await store.get(id)).toBeNull();
+      expect(await admin.type(store.keyOf(bad))).toBe('list');
+    });
+
     it('still claims a batch when told the client is not a cluster client', async () => {
       const store = redisStore({ client, prefix: own, cluster: false });
       const ids = Array.from({ length: 10 }, newId);

@@ -5,6 +5,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { Redis } from 'ioredis';
+import type { ClaimResult } from 'oncely';
 import { ConfigError } from '../../src/errors/index.js';
 import { type RedisClientLike, type RedisStore, type RedisStoreOptions, redisStore } from 'oncely/stores/redis';
 import { defineStoreConformance } from 'oncely/testing';
@@ -310,6 +311,45 @@ describe('redis store', () => {
       expect((await claim).status).toBe('completed');
       expect(await deleted).toBe(true);
       expect((await store.claim(id, INPUT)).status).toBe('acquired');
+    });
+
+    it('fails only the caller whose key is of the wrong type; the rest of its batch is claimed and held', async () => {
+      const store = redisStore({ client, prefix: own });
+      const good = Array.from({ length: 5 }, newId);
+      const bad = newId();
+      // Someone made a list where the record of `bad` belongs.
+      await admin.rpush(store.keyOf(bad), 'not a record');
+      const ids = [good[0]!, good[1]!, bad, good[2]!, good[3]!, good[4]!];
+      // One turn of the event loop: one script for all six.
+      const settled = await Promise.allSettled(ids.map((id) => store.claim(id, INPUT)));
+      expect(settled.map((s) => s.status)).toEqual(['fulfilled', 'fulfilled', 'rejected', 'fulfilled', 'fulfilled', 'fulfilled']);
+      expect(String((settled[2] as PromiseRejectedResult).reason?.message)).toMatch(/WRONGTYPE/);
+      // Every good claim is acquired by a token its caller holds: it can complete.
+      for (const [i, id] of ids.entries()) {
+        if (id === bad) continue;
+        const result = (settled[i] as PromiseFulfilledResult<ClaimResult>).value;
+        if (result.status !== 'acquired') throw new Error(`expected acquired, got ${result.status}`);
+        expect(await store.complete(id, result.token, `done ${i}`, 60_000)).toBe(true);
+      }
+      expect(await admin.type(store.keyOf(bad))).toBe('list');
+      expect(await admin.lrange(store.keyOf(bad), 0, -1)).toEqual(['not a record']);
+    });
+
+    it('fails a claimMany with a key of the wrong type as a whole and leaves none of its ids claimed', async () => {
+      const store = redisStore({ client, prefix: own });
+      const bad = newId();
+      await admin.rpush(store.keyOf(bad), 'not a record');
+      const mine = [newId(), bad, newId()];
+      const neighbour = newId();
+      // A claim of another caller in the same turn shares the script and is unaffected.
+      const [many, other] = await Promise.allSettled([store.claimMany!(mine, INPUT), store.claim(neighbour, INPUT)]);
+      expect(many.status).toBe('rejected');
+      expect(String((many as PromiseRejectedResult).reason?.message)).toMatch(/WRONGTYPE/);
+      expect(other).toMatchObject({ status: 'fulfilled', value: { status: 'acquired' } });
+      // The batch's own claims were undone: nobody holds them, so they run again at once.
+      expect(await store.get(mine[0]!)).toBeNull();
+      expect(await store.get(mine[2]!)).toBeNull();
+      expect((await store.claimMany!([mine[0]!, mine[2]!], INPUT)).map((r) => r.status)).toEqual(['acquired', 'acquired']);
     });
   });
 
