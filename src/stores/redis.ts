@@ -311,7 +311,21 @@ interface Operation {
 const errorMessage = (error: unknown): string =>
   typeof error === 'object' && error !== null ? String((error as { message?: unknown }).message) : String(error);
 
-const isNoScript = (error: unknown): boolean => errorMessage(error).startsWith('NOSCRIPT');
+// The server lacks the script. Not only a message starting with NOSCRIPT:
+// after a Cluster failover ioredis answers "Too many Cluster redirections.
+// Last error: ReplyError: NOSCRIPT …", and some errors carry the reply as
+// `lastNodeError` (ioredis ClusterAllFailedError) or `cause`. Missing one
+// means no EVAL fallback, so every call fails until something reloads the
+// script. Each of these says the script did not run, so EVAL is safe.
+function isNoScript(error: unknown, depth = 0): boolean {
+  if (/\bNOSCRIPT\b/.test(errorMessage(error))) return true;
+  if (depth >= 3 || typeof error !== 'object' || error === null) return false;
+  const { lastNodeError, cause } = error as { lastNodeError?: unknown; cause?: unknown };
+  return (
+    (lastNodeError !== undefined && isNoScript(lastNodeError, depth + 1)) ||
+    (cause !== undefined && isNoScript(cause, depth + 1))
+  );
+}
 
 // EVALSHA first: the steady state sends only the 40-byte sha. A server that
 // lost its script cache (restart, failover, SCRIPT FLUSH) answers NOSCRIPT

@@ -447,6 +447,40 @@ describe('redis store', () => {
       expect(await store.complete(id, taken.token, 'fresh', 60_000)).toBe(true);
     });
 
+    it('falls back to EVAL on NOSCRIPT however the client wraps it, and only then', async () => {
+      const noScript = 'NOSCRIPT No matching script. Please use EVAL.';
+      const replyError = Object.assign(new Error(noScript), { name: 'ReplyError' });
+      // What a client can throw for a server without the script: Redis's own
+      // reply; ioredis Cluster after a failover (the reply inside its message);
+      // ioredis ClusterAllFailedError (the reply as lastNodeError); an error
+      // with the reply as its cause. And one that is not NOSCRIPT at all.
+      const shapes: Array<[string, () => Error, boolean]> = [
+        ['plain reply', () => replyError, true],
+        ['cluster redirections', () => new Error(`Too many Cluster redirections. Last error: ReplyError: ${noScript}`), true],
+        ['lastNodeError', () => Object.assign(new Error('Failed to refresh slots cache.'), { lastNodeError: replyError }), true],
+        ['cause', () => new Error('script failed', { cause: replyError }), true],
+        ['another error', () => new Error('ERR something else'), false],
+      ];
+      for (const [shape, error, fallsBack] of shapes) {
+        let evals = 0;
+        const failingOver = {
+          isCluster: false,
+          evalsha: async () => {
+            throw error();
+          },
+          eval: async (script: string, n: number, ...rest: string[]) => {
+            evals++;
+            return admin.eval(script, n, ...rest);
+          },
+        };
+        const store = redisStore({ client: failingOver, prefix });
+        const claim = store.claim(newId(), INPUT);
+        if (fallsBack) expect({ shape, status: (await claim).status }).toEqual({ shape, status: 'acquired' });
+        else await expect(claim).rejects.toThrow('ERR something else');
+        expect({ shape, evals }).toEqual({ shape, evals: fallsBack ? 1 : 0 });
+      }
+    });
+
     it('claims duplicate ids in one batch once', async () => {
       const id = newId();
       const results = await store.claimMany!([id, id], { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 });
