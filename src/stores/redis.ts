@@ -32,7 +32,7 @@ import type {
 } from '../engine/store.js';
 import { newToken } from '../engine/token.js';
 import { ConfigError } from '../errors/index.js';
-import { ReplayCache, type ReplayCacheOptions } from './replay-cache.js';
+import { type ReplayCache, type ReplayCacheOptions, withReplayCache } from './replay-cache.js';
 
 /**
  * The methods of an ioredis client (`Redis` or `Cluster`) this store calls.
@@ -122,9 +122,10 @@ export interface RedisStoreOptions {
   coalesce?: boolean;
   /**
    * Keep completed records this process has replayed, and answer the next
-   * copies of those requests without a round trip (see {@link ReplayCache}:
-   * only replays are cached, bounded in entries, bytes and age). `false`
-   * asks Redis every time. Default `{}`: 10,000 records, 16 MiB, 60 s.
+   * copies of those requests without a round trip: the store is wrapped in
+   * {@link withReplayCache} (only replays are cached, bounded in entries,
+   * bytes and age; see {@link ReplayCache}). `false` asks Redis every time.
+   * Default `{}`: 10,000 records, 16 MiB, 60 s.
    */
   replayCache?: ReplayCacheOptions | false;
 }
@@ -537,83 +538,34 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
     return answer;
   };
 
-  const replays = options.replayCache === false ? null : new ReplayCache(options.replayCache);
-
-  // A replay that Redis answered before a delete of its id, but whose reply
-  // arrives after it, must not put the deleted record back in the cache.
-  // Each id with a claim or delete in flight has a generation, bumped by
-  // delete when it starts and when it ends; a claim caches its answer only
-  // if the generation did not move meanwhile. Kept only while in flight.
-  const flights = new Map<string, { users: number; generation: number }>();
-  const board = (id: string): { users: number; generation: number } => {
-    let flight = flights.get(id);
-    if (flight === undefined) {
-      flight = { users: 0, generation: 0 };
-      flights.set(id, flight);
-    }
-    flight.users++;
-    return flight;
-  };
-  const land = (id: string, flight: { users: number }): void => {
-    if (--flight.users === 0) flights.delete(id);
-  };
-
-  const claimed = (id: string, raw: unknown, token: string, generation: number, flight: { generation: number }): ClaimResult => {
-    const result = decodeClaim(raw, token);
-    if (result.status === 'completed' && flight.generation === generation) replays?.put(id, result.record);
-    return result;
-  };
-
-  return {
+  const base: IdempotencyStore = {
     name: 'redis',
     capabilities: CAPABILITIES,
-    prefix,
-    get cluster() {
-      return cluster;
-    },
-    keyOf,
     async claim(id, input) {
-      const cached = replays?.get(id);
-      if (cached !== undefined) return { status: 'completed', record: cached };
       const token = newToken();
-      const args = [encodeFingerprint(input.fingerprint), ms('leaseMs', input.leaseMs), ms('ttlMs', input.ttlMs)];
-      const flight = board(id);
-      const generation = flight.generation;
-      try {
-        return claimed(id, await one(id, 'c', token, ...args), token, generation, flight);
-      } finally {
-        land(id, flight);
-      }
+      const raw = await one(id, 'c', token, encodeFingerprint(input.fingerprint), ms('leaseMs', input.leaseMs), ms('ttlMs', input.ttlMs));
+      return decodeClaim(raw, token);
     },
     async claimMany(ids, input) {
       const fingerprint = encodeFingerprint(input.fingerprint);
       const leaseMs = ms('leaseMs', input.leaseMs);
       const ttlMs = ms('ttlMs', input.ttlMs);
       // Submitted together and in order, so on a standalone Redis they share
-      // one script and a repeated id meets its own earlier claim. The replay
-      // cache is not consulted: a batch is one round trip anyway.
+      // one script and a repeated id meets its own earlier claim.
       const tokens = ids.map(() => newToken());
       const pairs = ids.map((id, i) => operation(id, 'c', tokens[i]!, fingerprint, leaseMs, ttlMs));
-      const boarded = ids.map((id) => board(id));
-      const generations = boarded.map((flight) => flight.generation);
       submit(pairs.map(([op]) => op));
-      try {
-        const settled = await Promise.allSettled(pairs.map(([, answer]) => answer));
-        const failure = settled.find((s) => s.status === 'rejected');
-        if (failure !== undefined) {
-          // All or nothing: the caller gets no tokens, so release every
-          // claim of the batch (fenced by token: one that never took
-          // effect changes nothing), or they would stay in progress under
-          // tokens nobody holds. Best effort: the first error is the answer.
-          await Promise.allSettled(ids.map((id, i) => one(id, 'x', tokens[i]!)));
-          throw failure.reason;
-        }
-        return settled.map((s, i) =>
-          claimed(ids[i]!, (s as PromiseFulfilledResult<unknown>).value, tokens[i]!, generations[i]!, boarded[i]!),
-        );
-      } finally {
-        for (const [i, flight] of boarded.entries()) land(ids[i]!, flight);
+      const settled = await Promise.allSettled(pairs.map(([, answer]) => answer));
+      const failure = settled.find((s) => s.status === 'rejected');
+      if (failure !== undefined) {
+        // All or nothing: the caller gets no tokens, so release every claim
+        // of the batch (fenced by token: one that never took effect changes
+        // nothing), or they would stay in progress under tokens nobody
+        // holds. Best effort: the first error is the answer.
+        await Promise.allSettled(ids.map((id, i) => one(id, 'x', tokens[i]!)));
+        throw failure.reason;
       }
+      return settled.map((s, i) => decodeClaim((s as PromiseFulfilledResult<unknown>).value, tokens[i]!));
     },
     async renew(id, token, leaseMs) {
       return int(await one(id, 'n', token, ms('leaseMs', leaseMs))) === 1;
@@ -641,19 +593,7 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
       return null;
     },
     async delete(id) {
-      replays?.delete(id);
-      const flight = board(id);
-      flight.generation++;
-      try {
-        return int(await run(SCRIPTS.delete, [keyOf(id)], [])) > 0;
-      } finally {
-        // Again at the end, and forget again: a claim sent while the delete
-        // was in flight may have read the record before it went (and, had it
-        // landed first, cached it).
-        flight.generation++;
-        replays?.delete(id);
-        land(id, flight);
-      }
+      return int(await run(SCRIPTS.delete, [keyOf(id)], [])) > 0;
     },
     async purgeExpired() {
       return 0;
@@ -661,5 +601,16 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
     async close() {
       // The client belongs to the caller.
     },
+  };
+
+  // The same wrapper any store can put in front of itself: one mechanism.
+  const store = options.replayCache === false ? base : withReplayCache(base, options.replayCache);
+  return {
+    ...store,
+    prefix,
+    get cluster() {
+      return cluster;
+    },
+    keyOf,
   };
 }

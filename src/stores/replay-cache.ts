@@ -14,15 +14,20 @@
  * deleted in the store by hand is replayed by other processes for at most
  * that long (never re-run: the safe direction for a payment).
  *
+ * {@link withReplayCache} puts the cache in front of any store; the Redis
+ * store's `replayCache` option is that same wrapper. {@link ReplayCache} is
+ * the bounded map underneath.
+ *
  * @example
  * ```ts
- * const cache = new ReplayCache({ maxEntries: 1_000 });
- * cache.put('id', { state: 'completed', fingerprint: null, outcome: '…', expiresAt: Date.now() + 60_000 });
- * cache.get('id'); // the record, until it expires or ages out
+ * import { withReplayCache } from 'oncely/stores/replay-cache';
+ * import { postgresStore } from 'oncely/stores/postgres';
+ *
+ * const store = withReplayCache(postgresStore({ pool }), { maxEntries: 1_000 });
  * ```
  * @module
  */
-import type { CompletedRecord } from '../engine/store.js';
+import type { ClaimInput, ClaimResult, CompletedRecord, IdempotencyStore } from '../engine/store.js';
 import { ConfigError } from '../errors/index.js';
 
 /**
@@ -52,8 +57,8 @@ interface Entry {
 }
 
 /**
- * The cache itself: `get`, `put`, `delete`. Stores use it inside `claim`;
- * see {@link ReplayCacheOptions} for the bounds.
+ * The cache itself: `get`, `put`, `delete`. {@link withReplayCache} uses it
+ * in front of a store; see {@link ReplayCacheOptions} for the bounds.
  *
  * @example
  * ```ts
@@ -128,4 +133,116 @@ export class ReplayCache {
     this.#entries.clear();
     this.#bytes = 0;
   }
+}
+
+// Claims and deletes in flight for one id. `generation` moves whenever a
+// delete of the id starts or ends; a claim caches its answer only if it did
+// not move while the claim was out.
+interface Flight {
+  users: number;
+  generation: number;
+}
+
+/**
+ * Put a {@link ReplayCache} in front of `store`: a claim of an id whose
+ * replay this wrapper has already seen is answered from the cache, without
+ * asking the store; everything else goes to the store. Only replays are
+ * cached (a claim the store answers `completed`), never fresh completions.
+ * `claimMany` is forwarded as it is (one round trip anyway) and caches the
+ * replays it sees. `delete` forgets the id, and a replay that the store
+ * answered before that delete but that arrives after it is not cached.
+ *
+ * Records deleted in the store behind this wrapper's back (another process,
+ * an operator) are still replayed from the cache until the entry expires
+ * or ages out (`maxAgeMs`): see the module documentation.
+ *
+ * @param store The store to wrap; its name and capabilities are kept.
+ * @param options Bounds of the cache. Default: 10,000 records, 16 MiB, 60 s.
+ * @returns A store with the same contract as `store`.
+ * @throws {@link ConfigError} when a bound is not a positive number.
+ *
+ * @example
+ * ```ts
+ * import { withReplayCache } from 'oncely/stores/replay-cache';
+ * import { mysqlStore } from 'oncely/stores/mysql';
+ *
+ * const store = withReplayCache(mysqlStore({ pool }), { maxAgeMs: 30_000 });
+ * ```
+ */
+export function withReplayCache(store: IdempotencyStore, options: ReplayCacheOptions = {}): IdempotencyStore {
+  const cache = new ReplayCache(options);
+  // Kept only while something is in flight for the id, so it stays small.
+  const flights = new Map<string, Flight>();
+  const board = (id: string): Flight => {
+    let flight = flights.get(id);
+    if (flight === undefined) {
+      flight = { users: 0, generation: 0 };
+      flights.set(id, flight);
+    }
+    flight.users++;
+    return flight;
+  };
+  const land = (id: string, flight: Flight): void => {
+    if (--flight.users === 0) flights.delete(id);
+  };
+  const seen = (id: string, result: ClaimResult, flight: Flight, generation: number): ClaimResult => {
+    if (result.status === 'completed' && flight.generation === generation) cache.put(id, result.record);
+    return result;
+  };
+
+  // Methods are closures over `store`, never `this`, so the object can be
+  // spread into a richer one (the Redis store adds its prefix and keyOf).
+  const wrapped: IdempotencyStore = {
+    name: store.name,
+    capabilities: store.capabilities,
+    async claim(id: string, input: ClaimInput): Promise<ClaimResult> {
+      const cached = cache.get(id);
+      if (cached !== undefined) return { status: 'completed', record: cached };
+      const flight = board(id);
+      const generation = flight.generation;
+      try {
+        return seen(id, await store.claim(id, input), flight, generation);
+      } finally {
+        land(id, flight);
+      }
+    },
+    renew: (id, token, leaseMs) => store.renew(id, token, leaseMs),
+    complete: (id, token, outcome, ttlMs) => store.complete(id, token, outcome, ttlMs),
+    release: (id, token) => store.release(id, token),
+    get: (id) => store.get(id),
+    async delete(id: string): Promise<boolean> {
+      cache.delete(id);
+      const flight = board(id);
+      flight.generation++;
+      try {
+        return await store.delete(id);
+      } finally {
+        // Again at the end, and forget again: a claim sent while the delete
+        // was in flight may have read the record before it went (and, had
+        // it come back first, cached it).
+        flight.generation++;
+        cache.delete(id);
+        land(id, flight);
+      }
+    },
+    purgeExpired: (limit) => store.purgeExpired(limit),
+    async close(): Promise<void> {
+      cache.clear();
+      await store.close();
+    },
+  };
+  const claimMany = store.claimMany;
+  if (claimMany !== undefined) {
+    wrapped.claimMany = async (ids, input) => {
+      const boarded = ids.map((id) => board(id));
+      const generations = boarded.map((flight) => flight.generation);
+      try {
+        const results = await claimMany.call(store, ids, input);
+        return results.map((result, i) => seen(ids[i]!, result, boarded[i]!, generations[i]!));
+      } finally {
+        for (const [i, flight] of boarded.entries()) land(ids[i]!, flight);
+      }
+    };
+  }
+  return wrapped;
 }
