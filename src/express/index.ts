@@ -53,7 +53,30 @@ function isJson(type: string | undefined): boolean {
   return type !== undefined && /^application\/([\w.+-]*\+)?json\b/i.test(type);
 }
 
-/** Read the body ourselves (no body parser ran before oncely), within `limit` bytes. */
+/**
+ * True when something before oncely already took the body off the stream:
+ * body-parser 1 (Express 4) and oncely itself set `_body`; body-parser 2
+ * (Express 5) sets no flag but has consumed the stream. Reading a consumed
+ * stream would yield an empty body (and a wrong fingerprint).
+ */
+function bodyTaken(req: IncomingMessage): boolean {
+  return (req as { _body?: unknown })._body === true || req.readableDidRead || req.readableEnded;
+}
+
+// body-parser 1 sets `req.body = {}` even when it skips a content type it does
+// not parse, leaving the stream unread: that placeholder is not a parsed body.
+function isPlaceholder(body: unknown): boolean {
+  if (body === undefined) return true;
+  if (body === null || typeof body !== 'object' || Buffer.isBuffer(body)) return false;
+  const proto = Object.getPrototypeOf(body);
+  return (proto === Object.prototype || proto === null) && Object.keys(body).length === 0;
+}
+
+/**
+ * Read the body ourselves (no body parser has read it), within `limit`
+ * bytes. `req.body` gets our parse unless an earlier middleware already put
+ * something there: that is never overwritten.
+ */
 async function readBody(req: Request, limit: number): Promise<Body> {
   const declared = Number(req.headers['content-length']);
   if (Number.isFinite(declared) && declared > limit) throw new BodyTooLargeError(limit);
@@ -66,8 +89,10 @@ async function readBody(req: Request, limit: number): Promise<Body> {
   }
   const raw = Buffer.concat(chunks);
   const type = req.headers['content-type'];
-  // Mark the body parsed so that body parsers mounted later leave it alone.
+  // Mark the body parsed so that body parsers mounted later leave it alone
+  // (body-parser 1 looks at `_body`; body-parser 2 sees the stream finished).
   (req as { _body?: boolean })._body = true;
+  const keep = !isPlaceholder(req.body);
   if (isJson(type)) {
     let parsed: unknown;
     try {
@@ -75,17 +100,20 @@ async function readBody(req: Request, limit: number): Promise<Body> {
     } catch (error) {
       throw new BodyInvalidError('The request body is not valid JSON.', { cause: error });
     }
-    req.body = parsed;
+    if (!keep) req.body = parsed;
     return parsed === undefined ? undefined : { json: parsed };
   }
-  if (type !== undefined && /^application\/x-www-form-urlencoded\b/i.test(type)) {
-    req.body = Object.fromEntries(new URLSearchParams(raw.toString('utf8')));
-  } else {
-    req.body = raw;
+  if (!keep) {
+    if (type !== undefined && /^application\/x-www-form-urlencoded\b/i.test(type)) {
+      req.body = Object.fromEntries(new URLSearchParams(raw.toString('utf8')));
+    } else {
+      req.body = raw;
+    }
   }
   return { raw };
 }
 
+/** The body a parser left in `req.body`, for the fingerprint. */
 function parsedBody(req: Request): Body {
   const body: unknown = req.body;
   if (body === undefined || body === null) return undefined;
@@ -212,8 +240,7 @@ export function idempotency(options: ExpressIdempotencyOptions) {
     if (!core.applies(req.method)) return next();
     let run: HttpRun;
     try {
-      const alreadyParsed = (req as { _body?: boolean })._body === true;
-      const body = alreadyParsed ? parsedBody(req) : hasBody(req) ? await readBody(req, core.maxBodyBytes) : parsedBody(req);
+      const body = !bodyTaken(req) && hasBody(req) ? await readBody(req, core.maxBodyBytes) : parsedBody(req);
       const url = req.originalUrl ?? req.url;
       const q = url.indexOf('?');
       const begun = await core.begin({
