@@ -92,6 +92,8 @@ export interface BeginInput {
   id: string;
   /** Request fingerprint, or `null` to skip the check. */
   fingerprint: string | null;
+  /** Who owns the key (account, tenant), for stores that bound each scope (see {@link ClaimInput.scope}). */
+  scope?: string;
   /** Per-call lease override, ms. */
   leaseMs?: number;
   /** Per-call retention override, ms (used when completing). */
@@ -300,7 +302,7 @@ export class Engine {
     const ttlMs = input.ttlMs ?? this.ttlMs;
     checkDuration('leaseMs', leaseMs);
     checkDuration('ttlMs', ttlMs);
-    const claimInput: ClaimInput = { fingerprint: input.fingerprint, leaseMs, ttlMs: Math.max(ttlMs, leaseMs) };
+    const claimInput: ClaimInput = { fingerprint: input.fingerprint, leaseMs, ttlMs: Math.max(ttlMs, leaseMs), scope: input.scope };
     const wait = input.wait ?? this.wait;
     const waitUntil = wait ? Date.now() + wait.timeoutMs : 0;
     let poll = wait ? (wait.pollMs ?? 50) : 0;
@@ -343,7 +345,7 @@ export class Engine {
     const ttlMs = options.ttlMs ?? this.ttlMs;
     checkDuration('leaseMs', leaseMs);
     checkDuration('ttlMs', ttlMs);
-    const claimInput: ClaimInput = { fingerprint: options.fingerprint, leaseMs, ttlMs: Math.max(ttlMs, leaseMs) };
+    const claimInput: ClaimInput = { fingerprint: options.fingerprint, leaseMs, ttlMs: Math.max(ttlMs, leaseMs), scope: options.scope };
     const { store } = this;
     const sentAt = Date.now();
     let results: ClaimResult[];

@@ -107,9 +107,10 @@ export function idempotent<A extends unknown[], R>(
   return async function idempotentCall(...args: A): Promise<R> {
     const key = options.key(...args);
     if (typeof key !== 'string' || key.length === 0) throw new ConfigError('The key function must return a non-empty string.');
-    const id = recordId(key, options.scope?.(...args) ?? '', namespace);
+    const scope = options.scope?.(...args) ?? '';
+    const id = recordId(key, scope, namespace);
     const fp = fingerprint === false ? null : fingerprintOf(fingerprint ? fingerprint(...args) : args);
-    const begun = await engine.begin({ id, fingerprint: fp, leaseMs, ttlMs, wait });
+    const begun = await engine.begin({ id, fingerprint: fp, scope, leaseMs, ttlMs, wait });
     switch (begun.kind) {
       case 'replay':
         return revive<R>(begun.record.outcome);

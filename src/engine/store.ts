@@ -26,6 +26,12 @@ export interface ClaimInput {
    * taken over once its lease ends); `complete` sets a fresh retention.
    */
   readonly ttlMs: number;
+  /**
+   * Who owns the record (account, tenant), when the front door knows it.
+   * Never part of the record's identity (the id already covers it); bounded
+   * stores use it to keep one scope from crowding out another.
+   */
+  readonly scope?: string;
 }
 
 /** A record that finished: its stored outcome is replayed to every later copy. */

@@ -243,7 +243,7 @@ export class HttpIdempotency<R> {
         scope = s;
       }
       const id = recordId(key, scope, options.namespace);
-      const begun = await this.engine.begin({ id, fingerprint, ttlMs, leaseMs: overrides.leaseMs, wait: overrides.wait });
+      const begun = await this.engine.begin({ id, fingerprint, scope, ttlMs, leaseMs: overrides.leaseMs, wait: overrides.wait });
       switch (begun.kind) {
         case 'replay':
           return { kind: 'respond', response: this.#replay(begun.record.outcome) };
