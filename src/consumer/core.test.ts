@@ -124,6 +124,69 @@ describe('IdempotentConsumer', () => {
     expect(again.map((v) => v.action)).toEqual(['duplicate', 'duplicate']);
   });
 
+  it('completes a handler that outlived failed renewals when nobody took the message over (a redelivery is a duplicate)', async () => {
+    const inner = memoryStore();
+    // A store blip that only renewals meet: claim, complete and release stay real.
+    let renewFailsUntil = 0;
+    const store: IdempotencyStore = {
+      ...inner,
+      renew: async (id, token, leaseMs) => {
+        if (Date.now() < renewFailsUntil) throw new Error('store blip');
+        return inner.renew(id, token, leaseMs);
+      },
+    };
+    let runs = 0;
+    let aborted = false;
+    const consumer = new IdempotentConsumer<string>({
+      name: 'c',
+      store,
+      leaseMs: 60,
+      handler: async ({ signal }) => {
+        runs++;
+        renewFailsUntil = Date.now() + 150;
+        await sleep(200); // well past the 60 ms lease: every renewal meanwhile fails
+        aborted = signal.aborted;
+      },
+    });
+    const verdict = await consumer.handle('m', 'x');
+    expect(aborted).toBe(true); // the local lease deadline passed unrenewed
+    expect(verdict.action).toBe('processed');
+    expect((await inner.get(consumer.recordIdOf('x')))?.state).toBe('completed');
+    expect((await consumer.handle('m', 'x')).action).toBe('duplicate');
+    expect(runs).toBe(1);
+  });
+
+  it('a batch that throws part-way (onVerdict, shouldContinue) releases every claim it did not run, then rethrows', async () => {
+    const store = memoryStore();
+    const ran: string[] = [];
+    const consumer = new IdempotentConsumer<string>({ name: 'c', store, handler: ({ message }) => void ran.push(message) });
+    const items = (ids: string[]) => ids.map((m) => ({ message: m, id: m }));
+    const state = async (id: string) => (await store.get(consumer.recordIdOf(id)))?.state ?? 'absent';
+
+    await expect(
+      consumer.handleBatch(items(['a', 'b', 'c', 'd']), {
+        onVerdict: (_verdict, i) => {
+          if (i === 1) throw new Error('rebalance');
+        },
+      }),
+    ).rejects.toThrow('rebalance');
+    expect(await Promise.all(['a', 'b', 'c', 'd'].map(state))).toEqual(['completed', 'completed', 'absent', 'absent']);
+
+    // Overlapped completions: the ones already travelling are stored before the error comes out.
+    let asked = 0;
+    await expect(
+      consumer.handleBatch(items(['e', 'f', 'g', 'h']), {
+        overlapCompletion: true,
+        shouldContinue: () => {
+          if (++asked === 3) throw new Error('stale');
+          return true;
+        },
+      }),
+    ).rejects.toThrow('stale');
+    expect(await Promise.all(['e', 'f', 'g', 'h'].map(state))).toEqual(['completed', 'completed', 'absent', 'absent']);
+    expect(ran).toEqual(['a', 'b', 'e', 'f']);
+  });
+
   it('stops a batch at the first break and releases the claims after it', async () => {
     const store = memoryStore();
     const consumer = new IdempotentConsumer<string>({

@@ -1,9 +1,9 @@
-import { Claim, Engine } from '../engine/engine.js';
+import { type Begun, type Claim, Engine, type Performed } from '../engine/engine.js';
 import { recordId } from '../engine/fingerprint.js';
 import { type Disposable, TypedEmitter } from '../engine/events.js';
-import type { ClaimInput, ClaimResult, IdempotencyStore } from '../engine/store.js';
+import type { IdempotencyStore } from '../engine/store.js';
 import { isThenable } from '../engine/thenable.js';
-import { ConfigError, InFlightError, StoreUnavailableError } from '../errors/index.js';
+import { ConfigError, StoreUnavailableError } from '../errors/index.js';
 
 /**
  * What a consumer handler receives for one message.
@@ -229,20 +229,25 @@ export interface BatchOptions extends HandleOptions {
   overlapCompletion?: boolean;
 }
 
+// What a completed message stores: consumers replay nothing, only "done".
 const STORED_OUTCOME = '{}';
 
-/** A handler that ran under a claim and awaits its completion. */
-interface Ran {
-  claim: Claim;
-  id: string;
-  rid: string;
-  started: number;
+/** A begun message that will not run here. */
+type NotRun = Exclude<Begun, { kind: 'run' }>;
+
+/** A handler started under its claim: `ran` when the handler returned or threw, `verdict` once the claim is settled. */
+interface Performing {
+  ran: Promise<void>;
+  verdict: Promise<ConsumerVerdict>;
 }
 
 /**
  * The broker-neutral idempotent consumer: claim, run, complete, and only then
  * tell the adapter to acknowledge. Adapters (`oncely/consumer/amqp`, `nats`,
  * `redis-streams`, `kafka`) translate its verdicts into acks, naks and offsets.
+ * The claim lifecycle itself (lease renewal, fencing, settling once) is the
+ * engine's: the consumer begins each message on the engine and runs the
+ * handler with `claim.perform`.
  *
  * @example
  * ```ts
@@ -286,7 +291,7 @@ export class IdempotentConsumer<M> {
     for (const [name, listener] of Object.entries(options.hooks ?? {})) {
       if (typeof listener === 'function') this.on(name as 'processed', listener as (event: ConsumerEvents['processed']) => void);
     }
-    // Store failures seen by the engine (renewals, completions) surface as consumer events too.
+    // Store failures seen by the engine (claims, renewals, completions) surface as consumer events too.
     this.#engineListener = this.engine.on('storeError', (event) =>
       this.#events.emit('storeError', { ...event, recordId: event.id, id: undefined }),
     );
@@ -333,178 +338,151 @@ export class IdempotentConsumer<M> {
    */
   async handle(message: M, messageId: string, options: HandleOptions = {}): Promise<ConsumerVerdict> {
     const rid = this.recordIdOf(messageId);
-    let result: ClaimResult;
-    try {
-      result = await this.engine.storeCall(rid, 'claim', () => this.engine.store.claim(rid, this.#claimInput()));
-    } catch (error) {
-      return this.#storeError(messageId, rid, error);
-    }
-    return this.#afterClaim(message, messageId, rid, result, options);
+    // Never wait for an in-flight copy: the broker redelivers it, and a wait would hold a delivery slot.
+    const begun = await this.engine.begin({ id: rid, fingerprint: null, wait: false });
+    if (begun.kind !== 'run') return this.#notRun(messageId, rid, begun);
+    return this.#perform(message, messageId, rid, begun.claim, options.working).verdict;
   }
 
   /**
    * Handle a batch: claim every id in one store round trip (`claimMany`
    * when the store has it), then run the won ones in order. Verdicts are in
    * the order of `items`. A message id repeated inside the batch runs once.
+   *
+   * Every claim won and not run is released on every way out: a batch
+   * stopped early, and also a `shouldContinue` or `onVerdict` that throws
+   * (a Kafka heartbeat during a rebalance); the error is thrown after that,
+   * once the completions already travelling are settled.
    */
   async handleBatch(items: ReadonlyArray<BatchItem<M>>, options: BatchOptions = {}): Promise<ConsumerVerdict[]> {
     if (items.length === 0) return [];
     const rids = items.map((item) => this.recordIdOf(item.id));
     const unique = [...new Set(rids)];
-    let results: ClaimResult[];
-    try {
-      results = await this.engine.storeCall(undefined, 'claimMany', () => this.#claimMany(unique));
-    } catch (error) {
-      return items.map((item, i) => this.#storeError(item.id, rids[i]!, error));
-    }
-    const byRid = new Map<string, ClaimResult>();
-    // Every won claim gets its Claim (and so its lease renewal) now: the
-    // leases started with claimMany, not when the message's turn comes.
-    const claims = new Map<string, Claim>();
+    const begun = await this.engine.beginMany(unique, { fingerprint: null });
+    const first = new Map<string, Begun>();
+    // Claims won and not yet run: their leases started with beginMany (and are renewed) until each is run or released.
+    const waiting = new Map<string, Claim>();
     for (let i = 0; i < unique.length; i++) {
-      const rid = unique[i]!;
-      const result = results[i]!;
-      byRid.set(rid, result);
-      if (result.status === 'acquired') claims.set(rid, this.#claimOf(rid, result));
+      const b = begun[i]!;
+      first.set(unique[i]!, b);
+      if (b.kind === 'run') waiting.set(unique[i]!, b.claim);
     }
     const overlap = options.overlapCompletion === true && !options.stopAtFirstBreak;
     const verdictOf = new Map<string, Promise<ConsumerVerdict>>();
     const pending: Array<Promise<ConsumerVerdict>> = [];
     let broken = false;
-    for (let i = 0; i < items.length; i++) {
-      const item = items[i]!;
-      const rid = rids[i]!;
-      const earlier = verdictOf.get(rid);
-      let verdict: Promise<ConsumerVerdict>;
-      if (earlier) {
-        // A copy inside the same batch: it follows the first copy.
-        verdict = earlier.then((first) => {
-          const action: ConsumerAction = shouldAcknowledge(first) ? 'duplicate' : first.action === 'failed' ? 'skipped' : first.action;
-          if (action === 'duplicate') this.#events.emit('duplicate', { id: item.id, recordId: rid });
-          return { ...first, action, id: item.id, error: undefined };
-        });
-      } else {
-        const claimed = byRid.get(rid)!;
-        const claim = claims.get(rid);
-        const stop = (broken && options.stopAtFirstBreak) || (options.shouldContinue ? !options.shouldContinue() : false);
-        if (stop) {
-          if (claim) await claim.release('batch stopped before this message');
-          verdict = Promise.resolve({ action: 'skipped', id: item.id, recordId: rid });
+    try {
+      for (let i = 0; i < items.length; i++) {
+        const item = items[i]!;
+        const rid = rids[i]!;
+        const earlier = verdictOf.get(rid);
+        let verdict: Promise<ConsumerVerdict>;
+        if (earlier) {
+          // A copy inside the same batch: it follows the first copy.
+          verdict = earlier.then((known) => {
+            const action: ConsumerAction = shouldAcknowledge(known) ? 'duplicate' : known.action === 'failed' ? 'skipped' : known.action;
+            if (action === 'duplicate') this.#events.emit('duplicate', { id: item.id, recordId: rid });
+            return { ...known, action, id: item.id, error: undefined };
+          });
         } else {
-          const step = await this.#run(item.message, item.id, rid, claimed, claim, options);
-          if ('action' in step) verdict = Promise.resolve(step);
-          else {
-            verdict = this.#finish(step);
+          const b = first.get(rid)!;
+          if ((broken && options.stopAtFirstBreak) || (options.shouldContinue ? !options.shouldContinue() : false)) {
+            const claim = waiting.get(rid);
+            waiting.delete(rid);
+            if (claim) await claim.release('batch stopped before this message');
+            verdict = Promise.resolve({ action: 'skipped', id: item.id, recordId: rid });
+          } else if (b.kind !== 'run') {
+            verdict = Promise.resolve(this.#notRun(item.id, rid, b));
+          } else {
+            waiting.delete(rid);
+            const performing = this.#perform(item.message, item.id, rid, b.claim, options.working);
+            verdict = performing.verdict;
             // Overlapped: the next handler runs while this completion travels; acks wait for all of them.
-            if (!overlap) await verdict;
+            await (overlap ? performing.ran : verdict);
           }
+          verdictOf.set(rid, verdict);
         }
-        verdictOf.set(rid, verdict);
+        pending.push(verdict);
+        if (!overlap) {
+          const known = await verdict;
+          if (!shouldAcknowledge(known)) broken = true;
+          await options.onVerdict?.(known, i);
+        }
       }
-      pending.push(verdict);
-      if (!overlap) {
-        const known = await verdict;
-        if (!shouldAcknowledge(known)) broken = true;
-        await options.onVerdict?.(known, i);
+      const verdicts = await Promise.all(pending);
+      if (overlap && options.onVerdict) for (let i = 0; i < verdicts.length; i++) await options.onVerdict(verdicts[i]!, i);
+      return verdicts;
+    } finally {
+      // Left unsettled, these would be renewed for ever and answer "in flight" to every redelivery.
+      const left = [...waiting.values()];
+      waiting.clear();
+      await Promise.all([...left.map((claim) => claim.release('batch ended before this message')), Promise.allSettled(pending)]);
+    }
+  }
+
+  /** The verdict on a message the engine did not hand over to run. */
+  #notRun(id: string, rid: string, begun: NotRun): ConsumerVerdict {
+    switch (begun.kind) {
+      case 'replay':
+        this.#events.emit('duplicate', { id, recordId: rid });
+        return { action: 'duplicate', id, recordId: rid };
+      case 'in_flight': {
+        const { leaseUntil } = begun.error;
+        this.#events.emit('inFlight', { id, recordId: rid, leaseUntil });
+        return { action: 'in_flight', id, recordId: rid, leaseUntil, error: begun.error };
       }
+      default:
+        // Store down or full. A shared engine's failOpen (`bypass`) is not followed: the broker
+        // redelivers, so running without idempotency would only risk a second run. A fingerprint
+        // mismatch cannot happen (consumers claim without one).
+        return { action: 'store_error', id, recordId: rid, error: begun.error };
     }
-    const verdicts = await Promise.all(pending);
-    if (overlap && options.onVerdict) for (let i = 0; i < verdicts.length; i++) await options.onVerdict(verdicts[i]!, i);
-    return verdicts;
   }
 
-  #claimInput(): ClaimInput {
-    const { leaseMs, ttlMs } = this.engine;
-    return { fingerprint: null, leaseMs, ttlMs: Math.max(ttlMs, leaseMs) };
-  }
-
-  async #claimMany(ids: string[]): Promise<ClaimResult[]> {
-    const { store } = this.engine;
-    const input = this.#claimInput();
-    if (store.claimMany) return store.claimMany(ids, input);
-    return Promise.all(ids.map((id) => store.claim(id, input)));
-  }
-
-  #claimOf(rid: string, acquired: Extract<ClaimResult, { status: 'acquired' }>): Claim {
-    return new Claim(this.engine, rid, acquired.token, acquired.takeover, this.engine.leaseMs, this.engine.ttlMs);
-  }
-
-  #storeError(id: string, rid: string, error: unknown): ConsumerVerdict {
-    // The engine already emitted storeError for failures it saw in storeCall.
-    const wrapped = error instanceof StoreUnavailableError ? error : new StoreUnavailableError(undefined, { cause: error });
-    return { action: 'store_error', id, recordId: rid, error: wrapped };
-  }
-
-  async #afterClaim(message: M, id: string, rid: string, result: ClaimResult, options: HandleOptions): Promise<ConsumerVerdict> {
-    const claim = result.status === 'acquired' ? this.#claimOf(rid, result) : undefined;
-    const step = await this.#run(message, id, rid, result, claim, options);
-    return 'action' in step ? step : this.#finish(step);
-  }
-
-  /** Everything up to the completion: a final verdict, or a handler that ran and must be completed. */
-  async #run(
-    message: M,
-    id: string,
-    rid: string,
-    result: ClaimResult,
-    claim: Claim | undefined,
-    options: HandleOptions,
-  ): Promise<ConsumerVerdict | Ran> {
-    if (result.status === 'completed') {
-      this.engine.emit('replayed', { id: rid });
-      this.#events.emit('duplicate', { id, recordId: rid });
-      return { action: 'duplicate', id, recordId: rid };
-    }
-    if (result.status === 'in_progress' || claim === undefined) {
-      const leaseUntil = result.status === 'in_progress' ? result.leaseUntil : 0;
-      const now = result.status === 'in_progress' ? result.now : 0;
-      this.engine.emit('conflict', { id: rid, leaseUntil });
-      this.#events.emit('inFlight', { id, recordId: rid, leaseUntil });
-      return {
-        action: 'in_flight',
-        id,
-        recordId: rid,
-        leaseUntil,
-        error: new InFlightError(leaseUntil, Math.max(1, Math.ceil((leaseUntil - now) / 1000))),
-      };
-    }
-    this.engine.emit('acquired', { id: rid, takeover: claim.takeover });
+  /** Run the handler under its claim; the engine settles the claim on every path. */
+  #perform(message: M, id: string, rid: string, claim: Claim, working: (() => unknown) | undefined): Performing {
     const started = Date.now();
-    const ticker = this.#startWorking(id, options.working);
-    try {
-      await this.#handler({ message, id, recordId: rid, signal: claim.signal, takeover: claim.takeover });
-    } catch (error) {
-      clearInterval(ticker);
-      await claim.release('handler failed');
-      this.#events.emit('released', { id, recordId: rid, error });
-      return { action: 'failed', id, recordId: rid, error };
-    }
-    clearInterval(ticker);
-    if (claim.lost) {
-      // The new owner decides; a redelivery will learn its outcome.
-      await claim.release('lease lost');
-      this.#events.emit('fenced', { id, recordId: rid });
-      return { action: 'fenced', id, recordId: rid };
-    }
-    return { claim, id, rid, started };
+    let ranNow!: () => void;
+    const ran = new Promise<void>((resolve) => (ranNow = resolve));
+    const performed = claim.perform({
+      run: async () => {
+        const ticker = this.#startWorking(id, working);
+        try {
+          await this.#handler({ message, id, recordId: rid, signal: claim.signal, takeover: claim.takeover });
+        } finally {
+          clearInterval(ticker);
+          ranNow();
+        }
+      },
+      // Always try to complete, even when renewals failed meanwhile: the store's fencing
+      // decides (refused only if another worker took the record over).
+      settle: () => ({ kind: 'complete', outcome: STORED_OUTCOME }),
+      failure: () => ({ kind: 'release', reason: 'handler failed' }),
+    });
+    const verdict = performed.then((done) => this.#verdictOf(done, id, rid, claim.takeover, started));
+    return { ran, verdict };
   }
 
-  /** Store the completion of a handler that ran. */
-  async #finish({ claim, id, rid, started }: Ran): Promise<ConsumerVerdict> {
-    let stored: boolean;
-    try {
-      stored = await claim.complete(STORED_OUTCOME);
-    } catch (error) {
-      // The effect happened but is not recorded: the record stays in progress
-      // until its lease ends, then a redelivery runs it again (at least once).
-      return { action: 'store_error', id, recordId: rid, error };
+  #verdictOf(performed: Performed<void>, id: string, rid: string, takeover: boolean, started: number): ConsumerVerdict {
+    if (!performed.ok) {
+      this.#events.emit('released', { id, recordId: rid, error: performed.error });
+      return { action: 'failed', id, recordId: rid, error: performed.error };
     }
-    if (!stored) {
-      this.#events.emit('fenced', { id, recordId: rid });
-      return { action: 'fenced', id, recordId: rid };
+    switch (performed.settled) {
+      case 'stored':
+        this.#events.emit('processed', { id, recordId: rid, takeover, ms: Date.now() - started });
+        return { action: 'processed', id, recordId: rid, takeover };
+      case 'fenced':
+        // The new owner decides; a redelivery will learn its outcome.
+        this.#events.emit('fenced', { id, recordId: rid });
+        return { action: 'fenced', id, recordId: rid };
+      default: {
+        // 'unsettled': the effect happened but is not recorded. The record stays in progress until
+        // its lease ends, then a redelivery runs it again (at least once): never acknowledge.
+        const error = new StoreUnavailableError('The handler ran, but its completion could not be stored before its lease ended.');
+        return { action: 'store_error', id, recordId: rid, error };
+      }
     }
-    this.#events.emit('processed', { id, recordId: rid, takeover: claim.takeover, ms: Date.now() - started });
-    return { action: 'processed', id, recordId: rid, takeover: claim.takeover };
   }
 
   #startWorking(id: string, working: (() => unknown) | undefined): NodeJS.Timeout | undefined {

@@ -133,4 +133,60 @@ describe('kafka adapter with KafkaJS payloads', () => {
     expect(ran).toEqual(['0', '1', '3', '4']); // 2 was completed by the other worker: acknowledged, not run
     expect(claimManyCalls).toBe(3);
   });
+
+  it('eachBatch: a heartbeat that throws mid-batch (a rebalance) releases the later claims; the refetch runs them at once', async () => {
+    const store = memoryStore();
+    const ran: string[] = [];
+    const handler = ({ message }: { message: { message: KafkaMessage } }) => void ran.push(message.message.offset);
+    const records = [0, 1, 2, 3, 4].map((o) => message(o));
+    const part = partition('rebalanced', records);
+    let heartbeats = 0;
+    const rebalancing: EachBatchPayload = {
+      ...part.payload(),
+      heartbeat: async () => {
+        // KafkaJS throws from heartbeat() once the group is rebalancing.
+        if (++heartbeats === 2) throw Object.assign(new Error('The group is rebalancing, so a rejoin is needed'), { type: 'REBALANCE_IN_PROGRESS' });
+      },
+    };
+    const first = kafkaEachBatch({ name: 'settle', store, retryDelayMs: 5, handler });
+    await expect(first(rebalancing)).rejects.toThrow('rebalancing');
+    expect(part.resolved()).toBe(1);
+    expect(ran).toEqual(['0', '1']);
+    // The partition goes to another member (same store, same name), fetched from the first unresolved offset,
+    // and again from the start: 2, 3, 4 run at once (not in flight), 0 and 1 are duplicates.
+    const next = kafkaEachBatch({ name: 'settle', store, retryDelayMs: 5, handler });
+    const again = partition('rebalanced', records);
+    const duplicates: string[] = [];
+    next.consumer.on('duplicate', ({ id }) => duplicates.push(id));
+    await next(again.payload());
+    expect(duplicates).toEqual(['rebalanced/0/0', 'rebalanced/0/1']);
+    expect(again.resolved()).toBe(4);
+    expect(again.paused()).toBe(0);
+    expect(ran).toEqual(['0', '1', '2', '3', '4']);
+  });
+
+  it('eachBatch: an isStale() that throws releases the claims not yet run; the refetch runs them at once', async () => {
+    const store = memoryStore();
+    const ran: string[] = [];
+    const handler = ({ message }: { message: { message: KafkaMessage } }) => void ran.push(message.message.offset);
+    const records = [0, 1, 2, 3].map((o) => message(o));
+    const part = partition('stale', records);
+    let asked = 0;
+    const throwing: EachBatchPayload = {
+      ...part.payload(),
+      isStale: () => {
+        if (++asked === 2) throw new Error('consumer group generation changed');
+        return false;
+      },
+    };
+    const first = kafkaEachBatch({ name: 'stale', store, retryDelayMs: 5, handler });
+    await expect(first(throwing)).rejects.toThrow('generation changed');
+    expect(part.resolved()).toBe(0);
+    expect(ran).toEqual(['0']);
+    const next = kafkaEachBatch({ name: 'stale', store, retryDelayMs: 5, handler });
+    await next(part.payload()); // fetched again from offset 1
+    expect(part.resolved()).toBe(3);
+    expect(part.paused()).toBe(0);
+    expect(ran).toEqual(['0', '1', '2', '3']);
+  });
 });
