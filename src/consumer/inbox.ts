@@ -65,7 +65,8 @@ function checkArgs(consumer: string, messageId: string): void {
  * ```
  */
 export interface PgInboxClient {
-  query(text: string, values?: unknown[]): Promise<{ rowCount: number | null }>;
+  /** `command` is the statement's tag: a `COMMIT` of an aborted transaction answers `'ROLLBACK'`. */
+  query(text: string, values?: unknown[]): Promise<{ rowCount: number | null; command: string }>;
   release(error?: Error | boolean): void;
 }
 
@@ -116,6 +117,8 @@ export interface PostgresInbox {
   /**
    * Run `handler` in a transaction with the processed-id row, unless the id
    * was processed before. A thrown error rolls both back and is re-thrown.
+   * A transaction that COMMIT rolled back (a statement failed inside the
+   * handler, even one the handler caught) rejects too: nothing was stored.
    */
   handle<T>(messageId: string, handler: (client: PgInboxClient) => Promise<T> | T): Promise<InboxResult<T>>;
   /** Delete ids processed more than `olderThanMs` ago (keep it above any redelivery horizon); answers how many. */
@@ -139,6 +142,15 @@ export function postgresInboxSchemaSql(table = 'oncely_inbox'): string {
   PRIMARY KEY (consumer, message_id)
 );
 CREATE INDEX IF NOT EXISTS ${t}_processed_at ON ${t} (processed_at);`;
+}
+
+function rolledBack(messageId: string): Error {
+  return new Error(
+    `oncely inbox: the transaction of message ${JSON.stringify(messageId)} was rolled back at COMMIT: a statement failed ` +
+      'inside the handler and left the transaction aborted (in PostgreSQL a caught error does not undo that). Neither the ' +
+      "handler's writes nor the message id were stored; the message will run again. To tolerate a failing statement, " +
+      'run it in a SAVEPOINT, or avoid the error (INSERT … ON CONFLICT DO NOTHING).',
+  );
 }
 
 /**
@@ -181,10 +193,14 @@ export function postgresInbox(options: PostgresInboxOptions): PostgresInbox {
             return { status: 'duplicate' };
           }
           const result = await handler(client);
-          await client.query('COMMIT');
+          const committed = await client.query('COMMIT');
+          // A statement that failed inside the handler (even one the handler caught) aborts the
+          // transaction; COMMIT then rolls it back without an error. Nothing was written.
+          if (committed.command === 'ROLLBACK') throw rolledBack(messageId);
           return { status: 'processed', result };
         } catch (error) {
           try {
+            // Harmless after a COMMIT that rolled back (a warning, no error).
             await client.query('ROLLBACK');
           } catch (rollbackError) {
             // The connection is unusable: the pool must discard it.

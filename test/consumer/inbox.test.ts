@@ -16,13 +16,15 @@ describe('postgres inbox (real PostgreSQL)', () => {
   const s = suffix();
   const table = `oncely_inbox_test_${s}`;
   const effects = `oncely_inbox_effects_${s}`;
+  const uniques = `oncely_inbox_uniques_${s}`;
 
   beforeAll(async () => {
     pool = new pg.Pool({ host: '127.0.0.1', user: 'postgres', database: 'test', max: 8 });
     await pool.query(`CREATE TABLE ${effects} (message_id text NOT NULL)`);
+    await pool.query(`CREATE TABLE ${uniques} (id text PRIMARY KEY)`);
   });
   afterAll(async () => {
-    await pool.query(`DROP TABLE IF EXISTS ${table}; DROP TABLE IF EXISTS ${effects}`);
+    await pool.query(`DROP TABLE IF EXISTS ${table}; DROP TABLE IF EXISTS ${effects}; DROP TABLE IF EXISTS ${uniques}`);
     await pool.end();
   });
 
@@ -63,6 +65,38 @@ describe('postgres inbox (real PostgreSQL)', () => {
     expect(await count('fails')).toBe(0);
     expect(await inboxRows('fails')).toBe(0);
     expect((await inbox.handle('fails', () => 'second')).status).toBe('processed');
+  });
+
+  it('rejects when a caught failed statement left the transaction aborted (COMMIT rolls back); the redelivery runs again', async () => {
+    const inbox = postgresInbox({ pool, consumer: 'ledger', table });
+    await inbox.migrate();
+    await pool.query(`INSERT INTO ${uniques} (id) VALUES ('taken')`);
+    let runs = 0;
+    // The common "ignore a unique violation" pattern: in PostgreSQL the failed INSERT aborts the
+    // whole transaction, and COMMIT then answers ROLLBACK instead of failing.
+    const swallowing = inbox.handle('swallowed', async (client) => {
+      runs++;
+      await client.query(`INSERT INTO ${effects} (message_id) VALUES ($1)`, ['swallowed']);
+      try {
+        await client.query(`INSERT INTO ${uniques} (id) VALUES ('taken')`);
+      } catch (error) {
+        if ((error as { code?: string }).code !== '23505') throw error;
+      }
+      return 'applied';
+    });
+    await expect(swallowing).rejects.toThrow(/rolled back/);
+    expect(await inboxRows('swallowed')).toBe(0);
+    expect(await count('swallowed')).toBe(0);
+    const redelivered = await inbox.handle('swallowed', async (client) => {
+      runs++;
+      await client.query(`INSERT INTO ${effects} (message_id) VALUES ($1)`, ['swallowed']);
+      await client.query(`INSERT INTO ${uniques} (id) VALUES ('taken') ON CONFLICT DO NOTHING`);
+      return 'applied';
+    });
+    expect(redelivered).toEqual({ status: 'processed', result: 'applied' });
+    expect(runs).toBe(2);
+    expect(await count('swallowed')).toBe(1);
+    expect(await inboxRows('swallowed')).toBe(1);
   });
 
   it('a process killed (SIGKILL) between the handler\'s write and COMMIT leaves neither; the redelivery applies it once', async () => {
