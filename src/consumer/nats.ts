@@ -179,7 +179,11 @@ export interface NatsConsumerOptions<M extends JsMsgLike = JsMsgLike> extends Na
 export interface NatsConsumer<M extends JsMsgLike = JsMsgLike> {
   /** The idempotent core (events, record ids). */
   readonly consumer: IdempotentConsumer<M>;
-  /** Settles when the message iterator ends (after `stop()`, or when the subscription closes). */
+  /**
+   * Settles when the message iterator ends (after `stop()`, or when the
+   * subscription closes), and the handlers it started have finished; rejects
+   * with the iterator's error when it failed.
+   */
   readonly done: Promise<void>;
   /** Stop pulling and wait for running handlers. */
   stop(): Promise<void>;
@@ -200,12 +204,17 @@ export function consumeNats<M extends JsMsgLike = JsMsgLike>(options: NatsConsum
   const concurrency = Math.max(1, options.concurrency ?? 1);
   const running = new Set<Promise<unknown>>();
   const loop = async (): Promise<void> => {
-    for await (const message of messages) {
-      const task = handle(message).finally(() => running.delete(task));
-      running.add(task);
-      if (running.size >= concurrency) await Promise.race(running);
+    try {
+      for await (const message of messages) {
+        const task = handle(message).finally(() => running.delete(task));
+        running.add(task);
+        if (running.size >= concurrency) await Promise.race(running);
+      }
+    } finally {
+      // Also when the iterator fails (consumer deleted, connection closed): `done` settles only once every
+      // running handler has settled its claim and acked or nakked, so exiting on `done` cuts nothing short.
+      await Promise.allSettled([...running]);
     }
-    await Promise.allSettled([...running]);
   };
   const done = loop();
   return {

@@ -210,4 +210,34 @@ describe('nats consumer (real JetStream)', () => {
     expect(pair.every((c) => c.lines.some((l) => l.startsWith('done ')))).toBe(true);
     await Promise.all(pair.map((c) => c.kill()));
   });
+
+  it('when the subscription fails (consumer deleted), done settles only after the running handlers settled their messages', async () => {
+    const { stream, subject } = await newStream();
+    const store = memoryStore();
+    let finished = false;
+    let started!: () => void;
+    const handlerStarted = new Promise<void>((resolve) => (started = resolve));
+    // abort_on_missing_resource: the iterator throws once the consumer is gone (instead of waiting for it to come back).
+    const messages = await (await js.consumers.get(stream, 'd')).consume({ max_messages: 16, abort_on_missing_resource: true });
+    const consumer = consumeNats({
+      messages,
+      name: `c-${suffix()}`,
+      store,
+      header: 'Event-Id',
+      concurrency: 4,
+      handler: async () => {
+        started();
+        await sleep(600);
+        finished = true;
+      },
+    });
+    running.push(consumer);
+    await publish(subject, 'slow');
+    await handlerStarted;
+    await jsm.consumers.delete(stream, 'd');
+    await expect(consumer.done).rejects.toBeDefined();
+    // A process that exits on `done` must not cut a handler short and leave its claim to the lease.
+    expect(finished).toBe(true);
+    expect((await store.get(consumer.consumer.recordIdOf('slow')))?.state).toBe('completed');
+  });
 });
