@@ -181,12 +181,19 @@ export async function consumeAmqp(options: AmqpConsumerOptions): Promise<AmqpCon
     else nackLater(message, id, true);
   };
 
-  if (prefetch > 0) await channel.prefetch(prefetch);
-  const { consumerTag } = await channel.consume(queue, (message) => {
-    if (message === null) return; // the broker cancelled the consumer
-    const task = onMessage(message).finally(() => running.delete(task));
-    running.add(task);
-  });
+  let consumerTag: string;
+  try {
+    if (prefetch > 0) await channel.prefetch(prefetch);
+    ({ consumerTag } = await channel.consume(queue, (message) => {
+      if (message === null) return; // the broker cancelled the consumer
+      const task = onMessage(message).finally(() => running.delete(task));
+      running.add(task);
+    }));
+  } catch (error) {
+    // A consumer that never started must not stay subscribed to a shared engine.
+    consumer.close();
+    throw error;
+  }
 
   return {
     consumer,

@@ -202,7 +202,11 @@ export async function consumeRedisStream(options: RedisStreamConsumerOptions): P
   try {
     await call('XGROUP', 'CREATE', stream, group, startId, 'MKSTREAM');
   } catch (error) {
-    if (!/BUSYGROUP/.test(String((error as Error)?.message ?? error))) throw error;
+    if (!/BUSYGROUP/.test(String((error as Error)?.message ?? error))) {
+      // A consumer that never started must not stay subscribed to a shared engine.
+      consumer.close();
+      throw error;
+    }
   }
 
   let running = true;

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import amqp, { type Channel, type ChannelModel } from 'amqplib';
 import { Redis } from 'ioredis';
-import type { IdempotencyStore } from 'oncely';
+import { Engine, type IdempotencyStore } from 'oncely';
 import { type AmqpConsumer, consumeAmqp } from 'oncely/consumer/amqp';
 import { memoryStore } from 'oncely/stores/memory';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -217,5 +217,24 @@ describe('amqp consumer (real RabbitMQ)', () => {
     // Both processes took part.
     expect(pair.every((c) => c.lines.some((l) => l.startsWith('done ')))).toBe(true);
     await Promise.all(pair.map((c) => c.kill()));
+  });
+
+  it('a consumer that fails to start (no such queue) stops listening to a shared engine', async () => {
+    const engine = new Engine({ store: memoryStore() });
+    const heard: unknown[] = [];
+    const ch = await connection.createChannel();
+    ch.on('error', () => undefined); // the broker closes the channel: 404 NOT_FOUND
+    await expect(
+      consumeAmqp({
+        channel: ch,
+        queue: `oncely-missing-${suffix()}`,
+        name: `c-${suffix()}`,
+        engine,
+        hooks: { storeError: (event) => heard.push(event) },
+        handler: () => undefined,
+      }),
+    ).rejects.toThrow(/NOT_FOUND/);
+    engine.emit('storeError', { id: 'r', operation: 'claim', error: new Error('later, for another consumer') });
+    expect(heard).toEqual([]);
   });
 });

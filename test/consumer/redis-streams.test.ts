@@ -3,6 +3,7 @@ import { rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Redis } from 'ioredis';
+import { Engine } from 'oncely';
 import { consumeRedisStream, type RedisStreamConsumer, type RedisStreamConsumerOptions } from 'oncely/consumer/redis-streams';
 import { memoryStore } from 'oncely/stores/memory';
 import { createClient } from 'redis';
@@ -239,5 +240,17 @@ describe('redis streams consumer (real Redis)', () => {
     const records = await redis.keys(`${prefix}:*`);
     expect(records.length).toBe(20);
     await redis.del(...records);
+  });
+
+  it('a consumer that fails to start (the key is not a stream) stops listening to a shared engine', async () => {
+    const key = newStream();
+    await redis.set(key, 'not a stream');
+    const engine = new Engine({ store: memoryStore() });
+    const heard: unknown[] = [];
+    await expect(
+      start({ stream: key, group: 'g', name: `c-${suffix()}`, engine, hooks: { storeError: (event) => heard.push(event) }, handler: () => undefined }),
+    ).rejects.toThrow(/WRONGTYPE/);
+    engine.emit('storeError', { id: 'r', operation: 'claim', error: new Error('later, for another consumer') });
+    expect(heard).toEqual([]);
   });
 });
