@@ -138,27 +138,58 @@ function toBuffer(chunk: Chunk, encoding?: BufferEncoding): Buffer {
  * Hold the handler's response (status, headers, body, however it is written)
  * until the outcome is stored, then send it. A body over `maxStoredBytes`
  * streams out as it comes and completes with a marker instead.
+ *
+ * Every way the response can end reaches the core: `res.end` (finish), the
+ * handler destroying the response (fail), the connection closing first
+ * (gone, or fail once bytes went out). A handler that never answers while
+ * its client stays connected keeps its claim, renewed: it may still be
+ * running, and nothing tells a slow handler from a stuck one.
  */
 function capture(res: ServerResponse, core: HttpIdempotency<Request>, run: HttpRun): void {
-  const original = { writeHead: res.writeHead, write: res.write, end: res.end, flushHeaders: res.flushHeaders };
+  const original = {
+    writeHead: res.writeHead,
+    write: res.write,
+    end: res.end,
+    flushHeaders: res.flushHeaders,
+    destroy: res.destroy,
+  };
   // Loosely typed views of the originals, for calling them with the arguments we hold.
   const rawWrite = original.write as (this: ServerResponse, ...args: unknown[]) => boolean;
   const rawEnd = original.end as (this: ServerResponse, ...args: unknown[]) => ServerResponse;
   const chunks: Buffer[] = [];
   let size = 0;
   let streaming = false;
+  // Set once the handler ended (finish) or destroyed (fail) its response: that path settles the run.
+  let ended = false;
   const restore = (): void => {
     res.writeHead = original.writeHead;
     res.write = original.write;
     res.end = original.end;
     res.flushHeaders = original.flushHeaders;
+    res.destroy = original.destroy;
   };
+  const headersOf = (): Array<[string, string]> => core.captureHeaders((name) => res.getHeader(name));
   const startStreaming = (): void => {
     streaming = true;
     res.writeHead = original.writeHead;
     res.flushHeaders = original.flushHeaders;
+    // The head goes out with the first chunk: from now on a failure completes with the marker.
+    core.answered(run, res.statusCode, headersOf());
     for (const chunk of chunks.splice(0)) rawWrite.call(res, chunk);
   };
+
+  res.once('close', () => {
+    if (ended) return;
+    if (streaming || res.headersSent) {
+      // Part of the answer reached the client: never released, never run again.
+      if (!streaming) core.answered(run, res.statusCode, headersOf());
+      void core.fail(run, 'connection closed mid-response');
+    } else {
+      // Nothing went out, and the handler may still answer: that answer still
+      // counts; if none comes, the lease runs out and a retry runs again.
+      core.gone(run);
+    }
+  });
 
   res.writeHead = function writeHead(this: ServerResponse, status: number, ...rest: unknown[]) {
     this.statusCode = status;
@@ -177,7 +208,19 @@ function capture(res: ServerResponse, core: HttpIdempotency<Request>, run: HttpR
     return this;
   } as ServerResponse['writeHead'];
 
+  // The head is held with the body until the outcome is stored; it goes out then.
   res.flushHeaders = function flushHeaders() {} as ServerResponse['flushHeaders'];
+
+  // The handler gave up on its response: a failure (released, or the marker once bytes went out).
+  res.destroy = function destroy(this: ServerResponse, error?: Error) {
+    if (!ended) {
+      ended = true;
+      restore();
+      if (!streaming && this.headersSent) core.answered(run, this.statusCode, headersOf());
+      void core.fail(run, 'response destroyed');
+    }
+    return original.destroy.call(this, error);
+  } as ServerResponse['destroy'];
 
   res.write = function write(this: ServerResponse, chunk: Chunk, encoding?: BufferEncoding | WriteCallback, cb?: WriteCallback) {
     if (typeof encoding === 'function') {
@@ -201,6 +244,7 @@ function capture(res: ServerResponse, core: HttpIdempotency<Request>, run: HttpR
       cb = encoding;
       encoding = undefined;
     }
+    ended = true;
     let tail: Buffer | undefined;
     if (chunk !== undefined && chunk !== null) {
       tail = toBuffer(chunk, encoding as BufferEncoding | undefined);
@@ -214,7 +258,7 @@ function capture(res: ServerResponse, core: HttpIdempotency<Request>, run: HttpR
       }
     }
     restore();
-    const headers = core.captureHeaders((name) => this.getHeader(name));
+    const headers = headersOf();
     const finished: HttpFinish = streaming
       ? { kind: 'unstorable', status: this.statusCode, headers }
       : { kind: 'response', response: { status: this.statusCode, headers, body: Buffer.concat(chunks) } };
@@ -263,6 +307,8 @@ export function idempotency(options: ExpressIdempotencyOptions) {
     }
     req.idempotency = run.context;
     capture(res, core, run);
+    // The client hung up while the claim was taken: its 'close' has passed already.
+    if (res.destroyed) core.gone(run);
     next();
   };
 }
