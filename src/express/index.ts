@@ -134,6 +134,8 @@ function toBuffer(chunk: Chunk, encoding?: BufferEncoding): Buffer {
   return typeof chunk === 'string' ? Buffer.from(chunk, encoding ?? 'utf8') : Buffer.from(chunk);
 }
 
+type Warn = (message: string) => void;
+
 /**
  * Hold the handler's response (status, headers, body, however it is written)
  * until the outcome is stored, then send it. A body over `maxStoredBytes`
@@ -145,7 +147,7 @@ function toBuffer(chunk: Chunk, encoding?: BufferEncoding): Buffer {
  * its client stays connected keeps its claim, renewed: it may still be
  * running, and nothing tells a slow handler from a stuck one.
  */
-function capture(res: ServerResponse, core: HttpIdempotency<Request>, run: HttpRun): void {
+function capture(res: ServerResponse, core: HttpIdempotency<Request>, run: HttpRun, warn: Warn): void {
   const original = {
     writeHead: res.writeHead,
     write: res.write,
@@ -263,12 +265,35 @@ function capture(res: ServerResponse, core: HttpIdempotency<Request>, run: HttpR
       ? { kind: 'unstorable', status: this.statusCode, headers }
       : { kind: 'response', response: { status: this.statusCode, headers, body: Buffer.concat(chunks) } };
     const body = streaming ? tail : Buffer.concat(chunks);
-    void core.finish(run, finished).finally(() => {
+    const deliver = (): void => {
+      // Something else ended the response meanwhile (a second `end`): do not write after it.
+      if (this.writableEnded) return;
       if (body === undefined) rawEnd.call(this, cb);
       else rawEnd.call(this, body, cb);
-    });
+    };
+    let settling: Promise<unknown>;
+    try {
+      settling = core.finish(run, finished);
+    } catch (error) {
+      // A user's `outcome` function can throw synchronously.
+      settling = Promise.reject(error);
+    }
+    settling
+      .catch((error: unknown) => {
+        // `finish` never rejects for store failures; anything else is a bug
+        // somewhere. Nothing was stored: settle as a failure, and still answer.
+        warn(`oncely: the response could not be settled and was sent unstored: ${messageOf(error)}`);
+        return core.fail(run, 'finish failed');
+      })
+      .catch(() => undefined)
+      .then(deliver)
+      .catch((error: unknown) => warn(`oncely: sending the response failed: ${messageOf(error)}`));
     return this;
   } as ServerResponse['end'];
+}
+
+function messageOf(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
 }
 
 /**
@@ -280,6 +305,8 @@ function capture(res: ServerResponse, core: HttpIdempotency<Request>, run: HttpR
  */
 export function idempotency(options: ExpressIdempotencyOptions) {
   const core = new HttpIdempotency<Request>(options);
+  const logger = options.logger ?? console;
+  const warn: Warn = (message) => logger.warn(message);
   return async function oncelyExpress(req: Request, res: Response, next: NextFunction): Promise<void> {
     if (!core.applies(req.method)) return next();
     let run: HttpRun;
@@ -306,7 +333,7 @@ export function idempotency(options: ExpressIdempotencyOptions) {
       return next(error);
     }
     req.idempotency = run.context;
-    capture(res, core, run);
+    capture(res, core, run, warn);
     // The client hung up while the claim was taken: its 'close' has passed already.
     if (res.destroyed) core.gone(run);
     next();

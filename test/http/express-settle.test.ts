@@ -7,7 +7,7 @@ import type { AddressInfo } from 'node:net';
 import { createServer, request as httpRequest, type Server } from 'node:http';
 import express from 'express';
 import express4 from 'express4';
-import { type IdempotencyStore, recordId } from 'oncely';
+import { HttpIdempotency, type IdempotencyStore, recordId } from 'oncely';
 import { idempotency } from 'oncely/express';
 import { memoryStore } from 'oncely/stores/memory';
 import { afterEach, describe, expect, it, vi } from 'vitest';
@@ -255,6 +255,44 @@ for (const [version, factory] of Object.entries(VERSIONS)) {
       expect(problemType(during!)).toBe('https://oncely.dev/problems/in-flight');
       await first;
       expect(app.runs()).toBe(1);
+    });
+
+    it('an outcome policy that throws: the response is still sent and the claim released', async () => {
+      const app = await start(
+        factory,
+        (run, _req, res) => {
+          res.status(201).json({ run });
+        },
+        {
+          outcome: () => {
+            throw new Error('broken policy');
+          },
+          logger: { warn: () => {} },
+        },
+      );
+      const key = newKey();
+      const first = await post(app.url, key);
+      expect(first).toMatchObject({ status: 201, body: '{"run":1}' });
+      expect(await record(app, key)).toBeNull();
+      expect((await post(app.url, key))?.body).toBe('{"run":2}');
+    });
+
+    it('a finish that rejects (against its contract): the response is still sent, no unhandled rejection', async () => {
+      const warnings: string[] = [];
+      const app = await start(
+        factory,
+        (run, _req, res) => {
+          res.status(201).json({ run });
+        },
+        { logger: { warn: (message: string) => warnings.push(message) } },
+      );
+      vi.spyOn(HttpIdempotency.prototype, 'finish').mockRejectedValueOnce(new Error('unexpected'));
+      const key = newKey();
+      const first = await post(app.url, key);
+      expect(first).toMatchObject({ status: 201, body: '{"run":1}' });
+      expect(warnings.some((w) => w.includes('unexpected'))).toBe(true);
+      // Nothing was stored: the claim was released, so the key runs again.
+      expect((await post(app.url, key))?.body).toBe('{"run":2}');
     });
   });
 }
