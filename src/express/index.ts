@@ -299,9 +299,15 @@ function messageOf(error: unknown): string {
 /**
  * Make POST and PATCH requests (by default) idempotent by their
  * `Idempotency-Key`. Mount it before the handlers it protects, after
- * authentication (the scope usually comes from it). It reads and parses the
- * body itself when no body parser ran before it (JSON and URL-encoded;
- * others as a Buffer), within `maxBodyBytes`.
+ * authentication (the scope usually comes from it). Body parsers may be
+ * mounted before or after it: when none has read the body yet, it reads and
+ * parses the body itself (JSON and URL-encoded; others as a Buffer), within
+ * `maxBodyBytes`, and later parsers leave it alone.
+ *
+ * A client that hangs up before the response stops the lease renewals: a
+ * response the handler still produces is stored; otherwise the lease ends
+ * and a retry runs again. A handler that destroys its response, or fails
+ * after part of it was sent, settles as a failure.
  */
 export function idempotency(options: ExpressIdempotencyOptions) {
   const core = new HttpIdempotency<Request>(options);
