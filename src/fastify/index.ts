@@ -14,6 +14,8 @@
  * @module
  */
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import { checkDuration } from '../engine/engine.js';
+import { ConfigError } from '../errors/index.js';
 import {
   type HttpFinish,
   HttpIdempotency,
@@ -59,17 +61,52 @@ function send(reply: FastifyReply, response: HttpResponse): FastifyReply {
   return reply.send(typeof response.body === 'string' ? response.body : Buffer.from(response.body));
 }
 
+const ROUTE_SETTINGS = new Set(['ttlMs', 'leaseMs', 'wait']);
+
+/** Check a route's `config.idempotency` when the route is added, not at its first request. */
+function checkRouteSettings(setting: unknown, where: string): void {
+  if (setting === undefined || setting === false) return;
+  const name = `config.idempotency of ${where}`;
+  if (typeof setting !== 'object' || setting === null || Array.isArray(setting)) {
+    throw new ConfigError(`${name} must be false or { ttlMs?, leaseMs?, wait? }; got ${String(setting)}.`);
+  }
+  const unknown = Object.keys(setting).filter((key) => !ROUTE_SETTINGS.has(key));
+  if (unknown.length > 0) {
+    throw new ConfigError(`${name} has unknown settings ${unknown.map((k) => `\`${k}\``).join(', ')}; known: ttlMs, leaseMs, wait.`);
+  }
+  const { ttlMs, leaseMs, wait } = setting as RouteOverrides;
+  checkDuration(`${name}: ttlMs`, ttlMs);
+  checkDuration(`${name}: leaseMs`, leaseMs);
+  if (wait === undefined || wait === false) return;
+  if (typeof wait !== 'object' || wait === null) throw new ConfigError(`${name}: wait must be false or { timeoutMs, pollMs? }.`);
+  checkDuration(`${name}: wait.timeoutMs`, wait.timeoutMs);
+  checkDuration(`${name}: wait.pollMs`, wait.pollMs);
+}
+
 /**
  * The Fastify plugin. Register it once (it applies to every route of the
  * instance it is registered on, like a `fastify-plugin`); turn it off per
  * route with `config: { idempotency: false }`, or change the lease, TTL or
- * wait per route with `config: { idempotency: { ttlMs } }`. Handlers see
- * their run as `request.idempotency`.
+ * wait per route with `config: { idempotency: { ttlMs } }` (checked when the
+ * route is added). Handlers see their run as `request.idempotency`.
+ *
+ * @throws {@link ConfigError} for invalid options, a second registration on
+ * the same instance, or (when a route is added) invalid route settings.
  */
 export async function oncely(fastify: FastifyInstance, options: FastifyIdempotencyOptions): Promise<void> {
+  if (fastify.hasRequestDecorator('idempotency')) {
+    // Twice would run every request under two claims, of which one never settles.
+    throw new ConfigError(
+      'oncely is already registered on this Fastify instance (or a parent): register it once; change settings per route with `config: { idempotency }`.',
+    );
+  }
   const core = new HttpIdempotency<FastifyRequest>(options);
 
   fastify.decorateRequest('idempotency', undefined);
+
+  fastify.addHook('onRoute', function oncelyOnRoute(route) {
+    checkRouteSettings(route.config?.idempotency, `${String(route.method)} ${route.url}`);
+  });
 
   fastify.addHook('preHandler', async function oncelyPreHandler(request: WithRun, reply) {
     if (!core.applies(request.method)) return;
