@@ -21,7 +21,8 @@ export type OncelyErrorCode =
   | 'ONCELY_BODY_INVALID'
   | 'ONCELY_BODY_TOO_LARGE'
   | 'ONCELY_CONFIG'
-  | 'ONCELY_CLIENT_REQUEST_FAILED';
+  | 'ONCELY_CLIENT_REQUEST_FAILED'
+  | 'ONCELY_DECRYPT_FAILED';
 
 /** Base URI of the problem `type`s oncely answers with. */
 export const PROBLEM_TYPE_BASE = 'https://oncely.dev/problems/';
@@ -282,6 +283,52 @@ export class ClientRequestError extends OncelyError {
     this.key = options.key;
     this.attempts = options.attempts;
     this.lastStatus = options.lastStatus;
+    this.reason = options.reason;
+  }
+}
+
+/**
+ * Why a sealed outcome could not be opened: its key id is not among the
+ * configured keys, the authentication tag did not verify (another key under
+ * the same id, tampered bytes, or an envelope moved to another record), the
+ * envelope is malformed, or the outcome is plain text where only sealed
+ * outcomes are accepted.
+ */
+export type DecryptFailureReason = 'unknown-key' | 'authentication' | 'malformed' | 'plaintext';
+
+/**
+ * A stored outcome is encrypted (`withEncryption` from
+ * `oncely/stores/encryption`) and cannot be opened with the configured keys.
+ * It is never replayed as garbage, and the operation is not run again (it
+ * completed): the front doors answer 503, like a store that cannot answer,
+ * until the right key is configured. It is not a {@link StoreUnavailableError},
+ * so `failOpen` never runs the handler for it.
+ *
+ * @example
+ * ```ts
+ * import { DecryptFailedError } from 'oncely';
+ * engine.on('storeError', ({ error }) => {
+ *   if (error instanceof DecryptFailedError) console.error(error.reason, error.keyId, error.recordId);
+ * });
+ * ```
+ */
+export class DecryptFailedError extends OncelyError {
+  /** The record whose outcome could not be opened. */
+  readonly recordId: string;
+  /** The key id named in the envelope, when it could be read. */
+  readonly keyId: string | undefined;
+  /** Why it could not be opened. */
+  readonly reason: DecryptFailureReason;
+
+  constructor(
+    detail: string,
+    options: { recordId: string; keyId?: string | undefined; reason: DecryptFailureReason; cause?: unknown },
+  ) {
+    super('ONCELY_DECRYPT_FAILED', 503, 'decrypt-failed', 'Stored outcome cannot be decrypted', detail, {
+      cause: options.cause,
+    });
+    this.recordId = options.recordId;
+    this.keyId = options.keyId;
     this.reason = options.reason;
   }
 }
