@@ -19,6 +19,8 @@
  *   offsets are resolved only across the unbroken run of handled records;
  *   at the first in-flight, failed or store-error record the batch stops
  *   (later won claims are released), and the partition resumes from there.
+ *   A `heartbeat()` or `isStale()` that throws (a rebalance) also releases
+ *   the claims of the records not yet run before the error is thrown.
  * - While a handler runs, `heartbeat()` is sent every `workingIntervalMs`
  *   (default 3 s, below the group's session timeout) and the lease renewed.
  *
