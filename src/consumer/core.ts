@@ -1,4 +1,4 @@
-import { type Begun, type Claim, Engine, type Performed } from '../engine/engine.js';
+import { type Begun, type Claim, type Engine, engineFrom, type Performed } from '../engine/engine.js';
 import { recordId } from '../engine/fingerprint.js';
 import { type Disposable, TypedEmitter } from '../engine/events.js';
 import type { IdempotencyStore } from '../engine/store.js';
@@ -278,15 +278,9 @@ export class IdempotentConsumer<M> {
     if (typeof options.handler !== 'function') throw new ConfigError('A consumer needs a handler function.');
     this.name = options.name;
     this.#handler = options.handler;
-    if (options.engine) this.engine = options.engine;
-    else if (options.store) {
-      this.engine = new Engine({
-        store: options.store,
-        leaseMs: options.leaseMs,
-        ttlMs: options.ttlMs,
-        storeTimeoutMs: options.storeTimeoutMs,
-      });
-    } else throw new ConfigError('A consumer needs a store (see oncely/stores/*) or an engine.');
+    // The consumer's `hooks` are its own events, not the engine's: only the store and its durations follow the engine rule.
+    const { engine, store, leaseMs, ttlMs, storeTimeoutMs } = options;
+    this.engine = engineFrom({ engine, store, leaseMs, ttlMs, storeTimeoutMs }, `Consumer ${JSON.stringify(options.name)}`);
     this.#workingIntervalMs = options.workingIntervalMs ?? Math.max(10, Math.floor((options.leaseMs ?? this.engine.leaseMs) / 3));
     for (const [name, listener] of Object.entries(options.hooks ?? {})) {
       if (typeof listener === 'function') this.on(name as 'processed', listener as (event: ConsumerEvents['processed']) => void);

@@ -28,7 +28,7 @@
  * @module
  */
 import { isThenable } from '../engine/thenable.js';
-import { ConfigError } from '../errors/index.js';
+import { ConfigError, RolledBackError } from '../errors/index.js';
 
 /**
  * The answer of an inbox: the handler ran and committed, or the id was already processed.
@@ -144,8 +144,8 @@ export function postgresInboxSchemaSql(table = 'oncely_inbox'): string {
 CREATE INDEX IF NOT EXISTS ${t}_processed_at ON ${t} (processed_at);`;
 }
 
-function rolledBack(messageId: string): Error {
-  return new Error(
+function rolledBack(messageId: string): RolledBackError {
+  return new RolledBackError(
     `oncely inbox: the transaction of message ${JSON.stringify(messageId)} was rolled back at COMMIT: a statement failed ` +
       'inside the handler and left the transaction aborted (in PostgreSQL a caught error does not undo that). Neither the ' +
       "handler's writes nor the message id were stored; the message will run again. To tolerate a failing statement, " +

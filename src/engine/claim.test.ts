@@ -64,12 +64,14 @@ describe('Engine.begin answers results, not exceptions', () => {
     expect(await engine.begin({ id: id(), fingerprint: null })).toMatchObject({ kind: 'unavailable', error: { code: 'ONCELY_STORE_UNAVAILABLE' } });
   });
 
-  it('the in-flight Retry-After comes from the remaining lease, not a constant', async () => {
+  it('the in-flight answer says to retry in a second and when the lease ends', async () => {
     const engine = new Engine({ store: memoryStore(), leaseMs: 10_000 });
     const key = id();
+    const before = Date.now();
     await won(engine, key);
     const begun = await engine.begin({ id: key, fingerprint: null });
-    expect(begun.kind === 'in_flight' && begun.error.retryAfter).toBe(10);
+    expect(begun.kind === 'in_flight' && begun.error.retryAfter).toBe(1);
+    expect(begun.kind === 'in_flight' && begun.error.leaseUntil).toBeGreaterThanOrEqual(before + 10_000);
   });
 
   it('beginMany claims in one go, answers per id, and refuses repeated ids', async () => {

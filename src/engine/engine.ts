@@ -381,8 +381,9 @@ export class Engine {
           this.#events.emit('mismatch', { id });
           return { kind: 'mismatch', error: new FingerprintMismatchError() };
         }
-        const retryAfter = Math.max(1, Math.min(Math.ceil((result.leaseUntil - result.now) / 1000), 60));
-        return { kind: 'in_flight', error: new InFlightError(result.leaseUntil, retryAfter) };
+        // Retry soon: the first copy usually finishes long before its lease could be taken over
+        // (the lease's end is on the error, as `leaseUntil`, for callers that want the worst case).
+        return { kind: 'in_flight', error: new InFlightError(result.leaseUntil, 1) };
       }
     }
   }

@@ -22,6 +22,7 @@ export type OncelyErrorCode =
   | 'ONCELY_BODY_TOO_LARGE'
   | 'ONCELY_CONFIG'
   | 'ONCELY_CLIENT_REQUEST_FAILED'
+  | 'ONCELY_ROLLED_BACK'
   | 'ONCELY_DECRYPT_FAILED';
 
 /** Base URI of the problem `type`s oncely answers with. */
@@ -207,6 +208,18 @@ export class BodyTooLargeError extends OncelyError {
 export class ConfigError extends OncelyError {
   constructor(detail: string) {
     super('ONCELY_CONFIG', 500, 'config', 'oncely is misconfigured', detail);
+  }
+}
+
+/**
+ * A transaction that was to commit an effect together with its record rolled
+ * back instead (for example a handler caught a failed statement, which
+ * leaves a PostgreSQL transaction aborted). Nothing was stored; the message
+ * or request runs again.
+ */
+export class RolledBackError extends OncelyError {
+  constructor(detail: string, options: OncelyErrorOptions = {}) {
+    super('ONCELY_ROLLED_BACK', 500, 'rolled-back', 'Transaction rolled back', detail, options);
   }
 }
 

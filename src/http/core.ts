@@ -68,7 +68,7 @@ export interface HttpIdempotencyOptions<R> extends Partial<EngineOptions> {
   maxBodyBytes?: number;
   /** Outcome policy by status; the default stores 2xx–4xx except 401, 403, 408, 409, 425, 429. */
   outcome?: (status: number) => OutcomeDecision;
-  /** Where the missing-scope warning goes. Default `console`. */
+  /** Where warnings go (a missing scope; a settlement that failed unexpectedly). Default `console`. */
   logger?: { warn(message: string): void };
 }
 
