@@ -13,6 +13,7 @@
  * ```
  * @module
  */
+import type { OutgoingHttpHeaders, ServerResponse } from 'node:http';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { checkDuration } from '../engine/engine.js';
 import { ConfigError } from '../errors/index.js';
@@ -25,8 +26,8 @@ import {
   type IdempotencyContext,
   type RouteOverrides,
 } from '../http/core.js';
-import type { HttpResponse } from '../http/outcome.js';
 import { fieldLines } from '../http/headers.js';
+import type { HttpResponse } from '../http/outcome.js';
 
 export type { IdempotencyContext, RouteOverrides } from '../http/core.js';
 export type { OutcomeDecision } from '../http/policy.js';
@@ -45,8 +46,44 @@ declare module 'fastify' {
   }
 }
 
-const kRun = Symbol('oncely.run');
-type WithRun = FastifyRequest & { [kRun]?: HttpRun };
+/*
+ * When a run settles. Fastify sends most answers through onSend whole, but
+ * not all of them, so the raw response is watched too (its `writeHead` and
+ * its `close`):
+ *
+ * - A payload that passes onSend whole (a string, a Buffer, nothing) is
+ *   stored there, before it is sent (or released, per the outcome policy).
+ * - A stream payload (a Node or web stream, a `Response`) settles when its
+ *   first byte goes out (`writeHead`): a marker, since from then the client
+ *   holds part of an answer and a retry must not run again. A stream that
+ *   fails before that byte makes Fastify send its error answer through onSend
+ *   a second time: nothing reached the client, so the run is released. A
+ *   stream the client leaves before its first byte still completes with the
+ *   marker: the handler had finished its work.
+ * - A hijacked reply, or anything written to `reply.raw` around Fastify,
+ *   never passes onSend: it settles when its status and headers go out
+ *   (`writeHead`), with the marker (or released, per the policy for its
+ *   status). If its connection closes before anything was written, the run
+ *   is gone: the lease lapses unless the handler still settles it.
+ * - The connection closes while the handler runs: gone, likewise. (Fastify's
+ *   `onRequestAbort` does not fire once the request body was read, so the
+ *   raw `close` is watched instead.)
+ */
+
+/** Where a run is as its answer goes out. */
+type Phase = 'handling' | 'streaming' | 'settled';
+
+/** One run's state, kept on its raw response (shared listeners, no closures per request). */
+interface Tracker {
+  readonly core: HttpIdempotency<FastifyRequest>;
+  readonly run: HttpRun;
+  readonly reply: FastifyReply;
+  readonly writeHead: ServerResponse['writeHead'];
+  phase: Phase;
+}
+
+const kTracker = Symbol('oncely.tracker');
+type Tracked = ServerResponse & { [kTracker]?: Tracker };
 
 function bodyOf(request: FastifyRequest): HttpRequestView<FastifyRequest>['body'] {
   const body = request.body;
@@ -59,6 +96,65 @@ function send(reply: FastifyReply, response: HttpResponse): FastifyReply {
   reply.code(response.status);
   for (const [name, value] of response.headers) reply.header(name, value);
   return reply.send(typeof response.body === 'string' ? response.body : Buffer.from(response.body));
+}
+
+/** A header given to `writeHead` itself (an object, or a flat or nested array), which `getHeader` may not see. */
+function headerIn(given: unknown, name: string): string | undefined {
+  if (Array.isArray(given)) {
+    if (Array.isArray(given[0])) {
+      for (const pair of given as unknown[][]) if (String(pair[0]).toLowerCase() === name) return String(pair[1]);
+    } else {
+      for (let i = 0; i + 1 < given.length; i += 2) if (String(given[i]).toLowerCase() === name) return String(given[i + 1]);
+    }
+    return undefined;
+  }
+  if (given === null || typeof given !== 'object') return undefined;
+  for (const key in given) {
+    if (key.toLowerCase() === name) {
+      const value = (given as OutgoingHttpHeaders)[key];
+      return value === undefined ? undefined : Array.isArray(value) ? value.join(', ') : String(value);
+    }
+  }
+  return undefined;
+}
+
+// Installed as the raw response's `writeHead` for every run: the status and
+// headers are final here and about to reach the client.
+function trackedWriteHead(this: Tracked, ...args: unknown[]): ServerResponse {
+  const tracker = this[kTracker]!;
+  const result = (tracker.writeHead as (...a: unknown[]) => ServerResponse).apply(this, args);
+  if (tracker.phase !== 'settled') {
+    // Not settled in onSend: a stream's first byte, or a hijacked reply.
+    tracker.phase = 'settled';
+    const given = typeof args[1] === 'string' ? args[2] : args[1];
+    const headers = tracker.core.captureHeaders((name) => this.getHeader(name) ?? headerIn(given, name));
+    void tracker.core.finish(tracker.run, { kind: 'unstorable', status: this.statusCode, headers });
+  }
+  return result;
+}
+
+function trackedClose(this: Tracked): void {
+  const tracker = this[kTracker];
+  if (tracker === undefined || tracker.phase === 'settled') return;
+  if (this.headersSent || tracker.phase === 'streaming') {
+    // Written around our writeHead, or a stream the client left before its
+    // first byte: the handler is done and its answer (partly) went out.
+    tracker.phase = 'settled';
+    const { core, reply } = tracker;
+    const headers = core.captureHeaders((name) => reply.getHeader(name));
+    void core.finish(tracker.run, { kind: 'unstorable', status: reply.statusCode, headers });
+    return;
+  }
+  tracker.core.gone(tracker.run);
+}
+
+function track(core: HttpIdempotency<FastifyRequest>, run: HttpRun, reply: FastifyReply): void {
+  const res = reply.raw as Tracked;
+  res[kTracker] = { core, run, reply, writeHead: res.writeHead, phase: 'handling' };
+  res.writeHead = trackedWriteHead as ServerResponse['writeHead'];
+  // The client may have left while the claim was being taken.
+  if (res.destroyed) core.gone(run);
+  else res.on('close', trackedClose);
 }
 
 const ROUTE_SETTINGS = new Set(['ttlMs', 'leaseMs', 'wait']);
@@ -108,7 +204,7 @@ export async function oncely(fastify: FastifyInstance, options: FastifyIdempoten
     checkRouteSettings(route.config?.idempotency, `${String(route.method)} ${route.url}`);
   });
 
-  fastify.addHook('preHandler', async function oncelyPreHandler(request: WithRun, reply) {
+  fastify.addHook('preHandler', async function oncelyPreHandler(request, reply) {
     if (!core.applies(request.method)) return;
     const route = request.routeOptions.config?.idempotency;
     if (route === false) return;
@@ -127,38 +223,41 @@ export async function oncely(fastify: FastifyInstance, options: FastifyIdempoten
     );
     if (begun.kind === 'pass') return;
     if (begun.kind === 'respond') return send(reply, begun.response);
-    request[kRun] = begun.run;
+    track(core, begun.run, reply);
     request.idempotency = begun.run.context;
   });
 
-  fastify.addHook('onSend', async function oncelyOnSend(request: WithRun, reply, payload) {
-    const run = request[kRun];
-    if (run === undefined) return payload;
-    request[kRun] = undefined;
+  fastify.addHook('onSend', async function oncelyOnSend(_request, reply, payload) {
+    const tracker = (reply.raw as Tracked)[kTracker];
+    if (tracker === undefined || tracker.phase === 'settled') return payload;
+    const { run } = tracker;
+    if (tracker.phase === 'streaming') {
+      // A second payload after a stream: Fastify's error answer for a stream
+      // that failed before its first byte. Nothing of it reached the client.
+      tracker.phase = 'settled';
+      await core.fail(run, 'stream failed before its first byte');
+      return payload;
+    }
+    const whole = payload === null || payload === undefined || typeof payload === 'string' || payload instanceof Uint8Array;
+    if (!whole && !reply.raw.destroyed) {
+      // A stream: it settles at its first byte (see above), when its status is final.
+      tracker.phase = 'streaming';
+      return payload;
+    }
+    tracker.phase = 'settled';
     const status = reply.statusCode;
     const headers = core.captureHeaders((name) => reply.getHeader(name));
     let finished: HttpFinish;
-    if (payload === null || payload === undefined) {
-      finished = { kind: 'response', response: { status, headers, body: '' } };
-    } else if (
-      (typeof payload === 'string' && Buffer.byteLength(payload) <= core.maxStoredBytes) ||
-      (payload instanceof Uint8Array && payload.byteLength <= core.maxStoredBytes)
-    ) {
-      finished = { kind: 'response', response: { status, headers, body: payload } };
-    } else {
-      // A stream or an oversized body: never replayed, never re-run.
+    if (!whole) {
+      // A stream for a client that already left: the handler is done.
       finished = { kind: 'unstorable', status, headers };
+    } else {
+      const body = payload ?? '';
+      const size = typeof body === 'string' ? Buffer.byteLength(body) : body.byteLength;
+      finished = size <= core.maxStoredBytes ? { kind: 'response', response: { status, headers, body } } : { kind: 'unstorable', status, headers };
     }
     await core.finish(run, finished);
     return payload;
-  });
-
-  fastify.addHook('onResponse', async function oncelyOnResponse(request: WithRun) {
-    const run = request[kRun];
-    if (run === undefined) return;
-    // The reply went out without passing onSend (hijacked): nothing to store.
-    request[kRun] = undefined;
-    await core.fail(run, 'response not captured');
   });
 }
 
