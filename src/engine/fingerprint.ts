@@ -1,4 +1,5 @@
 import * as crypto from 'node:crypto';
+import { BodyInvalidError } from '../errors/index.js';
 
 /**
  * One-shot SHA-256, hex. `crypto.hash` (Node 20.12+) skips the per-call
@@ -14,35 +15,177 @@ export const sha256Hex: (data: string | Uint8Array) => string =
 export const FINGERPRINT_VERSION = 'v1';
 
 /**
+ * The deepest nesting of arrays and objects that {@link canonicalJson}
+ * accepts. Real request bodies stay far below it; the cap turns a hostile
+ * body like `[[[[...]]]]` into a 400 instead of unbounded work.
+ */
+export const MAX_JSON_DEPTH = 512;
+
+/**
  * JSON with object keys sorted and no whitespace, so that two bodies that
- * mean the same thing hash the same. Arrays keep their order.
+ * mean the same thing hash the same. Arrays keep their order; `toJSON` is
+ * honoured; in objects, `undefined`, functions and symbols are skipped, and
+ * elsewhere they read as `null`, as with `JSON.stringify`.
+ *
+ * An iterative walk, so nesting cannot overflow the call stack.
+ *
+ * @throws BodyInvalidError when arrays and objects nest deeper than
+ *   {@link MAX_JSON_DEPTH} (or a `toJSON` chain is longer than that).
+ * @throws TypeError when the value is circular.
  */
 export function canonicalJson(value: unknown): string {
-  if (value === null || typeof value !== 'object') {
-    const text = JSON.stringify(value);
-    return text === undefined ? 'null' : text;
-  }
-  if (Array.isArray(value)) {
-    let out = '[';
-    for (let i = 0; i < value.length; i++) {
-      if (i > 0) out += ',';
-      out += canonicalJson(value[i]);
+  if (value === null || typeof value !== 'object') return primitiveJson(value);
+  // One entry per open array or object, in parallel arrays (no frame objects
+  // on the hot path): the container, its sorted keys (undefined for an
+  // array) and the position of the member being written.
+  const containers: object[] = [];
+  const keyLists: Array<string[] | undefined> = [];
+  const positions: number[] = [];
+  let depth = 0;
+  let out = '';
+  let current: unknown = value;
+  walk: for (;;) {
+    // Write `current`: a primitive whole; an array or object opened, moving
+    // on to its first member.
+    let hops = 0;
+    for (;;) {
+      if (current === null || typeof current !== 'object') {
+        out += primitiveJson(current);
+        break;
+      }
+      if (Array.isArray(current)) {
+        // An empty array is a level too.
+        if (depth === MAX_JSON_DEPTH) tooDeep(current, containers, depth);
+        if (current.length === 0) {
+          out += '[]';
+          break;
+        }
+        containers[depth] = current;
+        keyLists[depth] = undefined;
+        positions[depth] = 0;
+        depth++;
+        out += '[';
+        current = current[0];
+        continue walk;
+      }
+      const toJSON = (current as { toJSON?: () => unknown }).toJSON;
+      if (typeof toJSON === 'function') {
+        // Each hop may build a fresh object, so bound the chain as well.
+        if (++hops > MAX_JSON_DEPTH) tooDeep(current, containers, depth);
+        current = toJSON.call(current);
+        continue;
+      }
+      if (depth === MAX_JSON_DEPTH) tooDeep(current, containers, depth);
+      const object = current as Record<string, unknown>;
+      const keys = sortedKeys(object);
+      let i = 0;
+      let member: unknown;
+      for (; i < keys.length; i++) {
+        member = object[keys[i]!];
+        if (member !== undefined && typeof member !== 'function' && typeof member !== 'symbol') break;
+      }
+      if (i === keys.length) {
+        out += '{}';
+        break;
+      }
+      containers[depth] = object;
+      keyLists[depth] = keys;
+      positions[depth] = i;
+      depth++;
+      out += `{${quote(keys[i]!)}:`;
+      current = member;
+      continue walk;
     }
-    return `${out}]`;
+    // Move on to the next member of the innermost open container, closing
+    // the ones that are finished.
+    for (;;) {
+      if (depth === 0) return out;
+      const top = depth - 1;
+      const keys = keyLists[top];
+      if (keys === undefined) {
+        const array = containers[top] as unknown[];
+        const i = positions[top]! + 1;
+        if (i < array.length) {
+          positions[top] = i;
+          out += ',';
+          current = array[i];
+          continue walk;
+        }
+        out += ']';
+      } else {
+        const object = containers[top] as Record<string, unknown>;
+        for (let i = positions[top]! + 1; i < keys.length; i++) {
+          const member = object[keys[i]!];
+          if (member === undefined || typeof member === 'function' || typeof member === 'symbol') continue;
+          positions[top] = i;
+          out += `,${quote(keys[i]!)}:`;
+          current = member;
+          continue walk;
+        }
+        out += '}';
+      }
+      depth--;
+    }
   }
-  const toJSON = (value as { toJSON?: () => unknown }).toJSON;
-  if (typeof toJSON === 'function') return canonicalJson(toJSON.call(value));
-  const keys = Object.keys(value).sort();
-  let out = '{';
-  let first = true;
-  for (const key of keys) {
-    const v = (value as Record<string, unknown>)[key];
-    if (v === undefined || typeof v === 'function' || typeof v === 'symbol') continue;
-    if (!first) out += ',';
-    first = false;
-    out += `${JSON.stringify(key)}:${canonicalJson(v)}`;
+}
+
+// Object.keys sorted as `.sort()` sorts them (by UTF-16 code unit; keys are
+// unique, so any correct sort agrees). Insertion sort is several times faster
+// for the few keys of a typical object; beyond a few dozen, the built-in sort
+// keeps the worst case at n log n.
+function sortedKeys(object: object): string[] {
+  const keys = Object.keys(object);
+  const n = keys.length;
+  if (n > 32) return keys.sort();
+  for (let i = 1; i < n; i++) {
+    const key = keys[i]!;
+    let j = i - 1;
+    while (j >= 0 && keys[j]! > key) {
+      keys[j + 1] = keys[j]!;
+      j--;
+    }
+    keys[j + 1] = key;
   }
-  return `${out}}`;
+  return keys;
+}
+
+// Characters JSON.stringify escapes: quote, backslash, controls, and (to
+// find lone ones) any surrogate.
+// biome-ignore lint/suspicious/noControlCharactersInRegex: the controls are what JSON escapes
+const NEEDS_ESCAPE = /["\\\u0000-\u001f\ud800-\udfff]/;
+
+// A string as JSON.stringify writes it; most need no escaping, and the test
+// is cheaper than the call.
+function quote(text: string): string {
+  return NEEDS_ESCAPE.test(text) ? JSON.stringify(text) : `"${text}"`;
+}
+
+// A value that is not an array or object, as JSON.stringify writes it.
+function primitiveJson(value: unknown): string {
+  switch (typeof value) {
+    case 'string':
+      return quote(value);
+    case 'number':
+      // Number-to-string is what JSON.stringify does for finite numbers (-0 gives "0").
+      return Number.isFinite(value) ? `${value}` : 'null';
+    case 'boolean':
+      return value ? 'true' : 'false';
+    case 'bigint':
+    case 'function':
+      // JSON.stringify calls a `toJSON` on these, or throws or gives undefined.
+      return JSON.stringify(value) ?? 'null';
+    default:
+      // null, undefined, symbols.
+      return 'null';
+  }
+}
+
+// Called when one more level would pass the cap. A cycle always gets here
+// (its path repeats), and is a programming error rather than a bad body.
+function tooDeep(next: object, containers: readonly object[], depth: number): never {
+  // Entries past `depth` are stale (closed siblings), not ancestors.
+  if (containers.slice(0, depth).includes(next)) throw new TypeError('Converting circular structure to canonical JSON.');
+  throw new BodyInvalidError(`The body is nested too deeply: more than ${MAX_JSON_DEPTH} levels of arrays and objects.`);
 }
 
 /** What fingerprint v1 covers. */
