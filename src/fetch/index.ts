@@ -72,7 +72,28 @@ async function readLimited(request: Request, limit: number): Promise<Uint8Array>
   return out;
 }
 
-/** Read a response body up to `limit` bytes; `undefined` when it is larger. */
+/**
+ * A `Response`, also from another realm or a polyfill (@hono/node-server
+ * swaps the global one for its own, so `instanceof` is not enough).
+ */
+function isResponse(value: unknown): value is Response {
+  if (value instanceof Response) return true;
+  if (typeof value !== 'object' || value === null) return false;
+  const candidate = value as Partial<Response>;
+  return typeof candidate.status === 'number' && typeof candidate.headers?.get === 'function' && 'body' in candidate;
+}
+
+function kindOf(value: unknown): string {
+  if (value === null || value === undefined) return String(value);
+  if (typeof value === 'object') return `an object (${value.constructor?.name ?? 'no prototype'})`;
+  return `a ${typeof value}`;
+}
+
+/**
+ * Read a response body up to `limit` bytes. Beyond it, `complete` is false
+ * and `rest` streams the whole body (what was read, then the remainder).
+ * Rejects when the body stream fails before the end or the limit.
+ */
 async function readUpTo(
   response: Response,
   limit: number,
@@ -168,15 +189,39 @@ export function withIdempotency<A extends unknown[]>(
     if (begun.kind === 'respond') return toResponse(begun.response);
     const { run } = begun;
     contexts.set(forward, run.context);
+    // The client left (the server aborts the request's signal) while the
+    // handler runs or its body is read: stop renewing. An answer that still
+    // comes is stored; one that never does lets the lease lapse.
+    const gone = (): void => core.gone(run);
+    const { signal } = request;
+    if (signal.aborted) gone();
+    else signal.addEventListener('abort', gone, { once: true });
     let response: Response;
+    let headers: Array<[string, string]>;
+    let read: Awaited<ReturnType<typeof readUpTo>>;
+    let failed = 'handler threw';
     try {
       response = await handler(forward, ...rest);
+      if (!isResponse(response)) {
+        failed = 'handler answered no Response';
+        throw new TypeError(`oncely/fetch: the handler answered ${kindOf(response)}, not a Response.`);
+      }
+      headers = core.captureHeaders((name) => response.headers.get(name));
+      failed = 'response body failed';
+      read = await readUpTo(response, core.maxStoredBytes);
     } catch (error) {
-      await core.fail(run, 'handler threw');
+      // Nothing reached the client yet (the body is read before it is sent),
+      // so the run is released. The error goes on to the server's error path
+      // (a 500, logged and reported) as a handler's throw does: a failing
+      // body is the application's failure, not an upstream's (no 502).
+      await core.fail(run, failed);
       throw error;
+    } finally {
+      signal.removeEventListener('abort', gone);
     }
-    const headers = core.captureHeaders((name) => response.headers.get(name));
-    const read = await readUpTo(response, core.maxStoredBytes);
+    // A body over maxStoredBytes is streamed through after this: the marker
+    // is stored first, and stands if that stream fails later (an answer
+    // went out).
     const finished: HttpFinish = read.complete
       ? { kind: 'response', response: { status: response.status, headers, body: read.body } }
       : { kind: 'unstorable', status: response.status, headers };
