@@ -7,7 +7,7 @@ import { pathToFileURL } from 'node:url';
 import Database from 'better-sqlite3';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { defineStoreConformance } from '../testing/index.js';
-import { type SqliteStore, sqliteStore } from './sqlite.js';
+import { purgeExpiredRecords, type SqliteStore, sqliteStore } from './sqlite.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'oncely-sqlite-'));
 const file = join(dir, 'conformance.db');
@@ -24,6 +24,20 @@ const make = (path: string, options: Partial<Parameters<typeof sqliteStore>[0]> 
   return store;
 };
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+/** Wait until `check` holds (polling), or fail after `ms`. */
+async function until(check: () => boolean, ms = 5_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error('timed out waiting');
+    await sleep(10);
+  }
+}
+/** Claim and complete `id` with a retention of `ttlMs`. */
+async function completed(store: SqliteStore, id: string, ttlMs: number): Promise<void> {
+  const claim = await store.claim(id, LONG);
+  if (claim.status !== 'acquired') throw new Error('expected acquired');
+  expect(await store.complete(id, claim.token, 'x', ttlMs)).toBe(true);
+}
 const newId = (): string => randomBytes(32).toString('hex');
 const LONG = { fingerprint: 'v1:fp', leaseMs: 30_000, ttlMs: 60_000 };
 
@@ -35,7 +49,7 @@ afterAll(async () => {
 
 defineStoreConformance(
   { describe, it, beforeAll, afterAll },
-  { name: 'sqlite', store: () => make(file), anotherClient: () => make(file) },
+  { name: 'sqlite', store: () => make(file, { purge: false }), anotherClient: () => make(file, { purge: false }) },
 );
 
 describe('sqlite store', () => {
@@ -65,27 +79,133 @@ describe('sqlite store', () => {
     expect(() => sqliteStore({ database: db, table: 'x"; DROP TABLE y; --' })).toThrow(/table name/);
   });
 
-  it('purges expired records in the background, and close() stops the timer', async () => {
+  it('purges expired records in the background, without anyone calling purge; live and in-progress records stay', async () => {
     const db = open(join(dir, 'timer.db'));
-    const store = sqliteStore({ database: db, purgeIntervalMs: 30, purgeBatch: 2 });
-    for (let i = 0; i < 5; i++) {
-      const id = newId();
-      const claim = await store.claim(id, LONG);
-      if (claim.status !== 'acquired') throw new Error('expected acquired');
-      await store.complete(id, claim.token, 'x', 20);
-    }
+    const store = sqliteStore({ database: db, purge: { intervalMs: 30, batch: 2 } });
+    for (let i = 0; i < 5; i++) await completed(store, newId(), 20);
+    const live = newId();
+    await completed(store, live, 60_000);
+    // Lease over, record retained: a crashed owner's record waits for a takeover, not for the purge.
+    const stalled = newId();
+    expect((await store.claim(stalled, { ...LONG, leaseMs: 10 })).status).toBe('acquired');
     const count = () => (db.prepare('SELECT count(*) AS n FROM oncely_records').get() as { n: number }).n;
-    expect(count()).toBe(5);
-    await sleep(200);
-    expect(count()).toBe(0);
+    expect(count()).toBe(7);
+    await until(() => count() === 2);
+    expect(await store.get(live)).toMatchObject({ state: 'completed' });
+    expect(await store.get(stalled)).toMatchObject({ state: 'in_progress' });
     await store.close();
-    const id = newId();
-    const claim = await store.claim(id, LONG);
-    if (claim.status !== 'acquired') throw new Error('expected acquired');
-    await store.complete(id, claim.token, 'x', 10);
+    // Stopped: nothing is purged any more.
+    await completed(store, newId(), 10);
     await sleep(150);
-    expect(count()).toBe(1);
+    expect(count()).toBe(3);
   });
+
+  it('drains a backlog far beyond the old 10 batches per tick, in one drain, in index order', async () => {
+    const db = open(join(dir, 'backlog.db'));
+    const store = sqliteStore({ database: db, purge: false });
+    const past = Date.now() - 60_000;
+    const insert = db.prepare(
+      'INSERT INTO oncely_records (id, state, token, fingerprint, lease_until, expires_at, outcome) VALUES (?, 1, NULL, NULL, ?, ?, ?)',
+    );
+    db.transaction(() => {
+      for (let i = 0; i < 30_000; i++) insert.run(`expired-${i}`, past, past + (i % 1000), '{"status":201}');
+    })();
+    const live = newId();
+    await completed(store, live, 60_000);
+    const plan = db
+      .prepare('EXPLAIN QUERY PLAN SELECT rowid FROM oncely_records WHERE expires_at <= ? ORDER BY expires_at LIMIT ?')
+      .all(0, 1) as Array<{ detail: string }>;
+    expect(plan.map((row) => row.detail).join('; ')).toMatch(/USING COVERING INDEX oncely_records_expires_at/);
+    expect(plan.map((row) => row.detail).join('; ')).not.toMatch(/TEMP B-TREE/);
+    const report = await purgeExpiredRecords(store, { batch: 1000 });
+    expect(report).toMatchObject({ deleted: 30_000, batches: 31, done: true });
+    expect(db.prepare('SELECT count(*) AS n FROM oncely_records').get()).toEqual({ n: 1 });
+    expect(await store.get(live)).toMatchObject({ state: 'completed' });
+  });
+
+  it('yields to the event loop between purge batches', async () => {
+    const db = open(join(dir, 'yield.db'));
+    const store = sqliteStore({ database: db, purge: false });
+    const past = Date.now() - 60_000;
+    const insert = db.prepare(
+      'INSERT INTO oncely_records (id, state, token, fingerprint, lease_until, expires_at, outcome) VALUES (?, 1, NULL, NULL, ?, ?, NULL)',
+    );
+    db.transaction(() => {
+      for (let i = 0; i < 5_000; i++) insert.run(`expired-${i}`, past, past);
+    })();
+    // Other work (here a callback that re-queues itself) gets a turn between any two batches.
+    let turns = 0;
+    let draining = true;
+    const other = (): void => {
+      turns++;
+      if (draining) setImmediate(other);
+    };
+    setImmediate(other);
+    const report = await purgeExpiredRecords(store, { batch: 100 });
+    draining = false;
+    expect(report.batches).toBe(51);
+    expect(turns).toBeGreaterThanOrEqual(50);
+  });
+
+  it('adds the expires_at index to a table created without it', () => {
+    const db = open(join(dir, 'old.db'));
+    db.exec(
+      'CREATE TABLE oncely_records (id TEXT NOT NULL PRIMARY KEY, state INTEGER NOT NULL, token TEXT, fingerprint TEXT, lease_until INTEGER NOT NULL, expires_at INTEGER NOT NULL, outcome TEXT)',
+    );
+    sqliteStore({ database: db, purge: false });
+    const indexes = db.prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'oncely_records'").all();
+    expect(indexes).toContainEqual({ name: 'oncely_records_expires_at' });
+  });
+
+  it('still takes the older purgeIntervalMs and purgeBatch options', async () => {
+    const db = open(join(dir, 'legacy.db'));
+    const store = sqliteStore({ database: db, purgeIntervalMs: 30, purgeBatch: 1 });
+    for (let i = 0; i < 3; i++) await completed(store, newId(), 10);
+    await until(() => (db.prepare('SELECT count(*) AS n FROM oncely_records').get() as { n: number }).n === 0);
+    await store.close();
+    expect(() => sqliteStore({ database: db, purge: { batch: 0 } })).toThrow(/batch/);
+  });
+
+  it('leaves no open handle: a process with a purging store exits by itself, closed or not', async () => {
+    const storeUrl = pathToFileURL(resolve('src/stores/sqlite.ts')).href;
+    const sqliteUrl = pathToFileURL(resolve('node_modules/better-sqlite3/lib/index.js')).href;
+    for (const closeIt of [true, false]) {
+      const script = join(dir, `exit-${closeIt}.mjs`);
+      writeFileSync(
+        script,
+        `import Database from ${JSON.stringify(sqliteUrl)};
+import { sqliteStore } from ${JSON.stringify(storeUrl)};
+const database = new Database(process.argv[2]);
+const store = sqliteStore({ database, purge: { intervalMs: 20 } });
+const claim = await store.claim('a', { fingerprint: null, leaseMs: 1000, ttlMs: 10 });
+await store.complete('a', claim.token, 'x', 10);
+await new Promise((r) => setTimeout(r, 100));
+${closeIt ? 'await store.close();\ndatabase.close();' : ''}
+process.stdout.write('done');
+`,
+      );
+      const child = spawn(process.execPath, ['--conditions=source', '--import', 'tsx', script, join(dir, `exit-${closeIt}.db`)], {
+        cwd: resolve('.'),
+        stdio: ['ignore', 'pipe', 'inherit'],
+      });
+      let out = '';
+      child.stdout.on('data', (chunk: Buffer) => {
+        out += chunk.toString();
+      });
+      const code = await new Promise<number | null>((resolveExit, reject) => {
+        const timer = setTimeout(() => {
+          child.kill('SIGKILL');
+          reject(new Error(`the process did not exit by itself (close: ${closeIt})`));
+        }, 15_000);
+        child.on('exit', (exitCode) => {
+          clearTimeout(timer);
+          resolveExit(exitCode);
+        });
+      });
+      expect(code).toBe(0);
+      expect(out).toBe('done');
+    }
+  }, 40_000);
 
   it('keeps records across reopening the file', async () => {
     const path = join(dir, 'reopen.db');

@@ -13,7 +13,10 @@
  * - Deadlines are epoch ms from this process's clock (`Date.now()`): the
  *   processes sharing the file share one machine, hence one clock.
  * - SQLite has no TTL: expired records are absent to every operation and are
- *   deleted in batches by `purgeExpired` and by a background timer.
+ *   deleted by a background purge (started with the store, stopped by
+ *   `close()`): batches of `purge.batch` records, oldest first on the
+ *   `expires_at` index, one short write transaction each, repeated while a
+ *   batch comes back full, yielding to the event loop between batches.
  *
  * @example
  * ```ts
@@ -34,6 +37,9 @@ import type {
 } from '../engine/store.js';
 import { newToken } from '../engine/token.js';
 import { ConfigError } from '../errors/index.js';
+import { type PurgeOptions, purgeSettings, startPurge } from './purge.js';
+
+export { type PurgeOptions, type PurgeReport, type PurgeRunOptions, purgeExpiredRecords } from './purge.js';
 
 /**
  * A prepared statement, as better-sqlite3 returns from `prepare` (only what the store uses).
@@ -74,7 +80,7 @@ export interface SqliteDatabase {
  *
  * @example
  * ```ts
- * const options: SqliteStoreOptions = { database: new Database('oncely.db'), table: 'oncely_records', purgeIntervalMs: 60_000 };
+ * const options: SqliteStoreOptions = { database: new Database('oncely.db'), table: 'oncely_records', purge: { intervalMs: 10_000 } };
  * ```
  */
 export interface SqliteStoreOptions {
@@ -92,11 +98,15 @@ export interface SqliteStoreOptions {
   /** `busy_timeout` in ms: how long a process waits for another's write lock. Default 5000. */
   busyTimeoutMs?: number;
   /**
-   * Interval of the background purge of expired records, in ms. Default
-   * 60 000; 0 turns it off. The timer is unref'd and stops on `close()`.
+   * Background purge of expired records: a drain every `intervalMs`
+   * (default 10 000) in batches of `batch` records (default 1000), or
+   * `false` to turn it off (then call {@link purgeExpiredRecords} yourself).
+   * The timer is unref'd and stops on `close()`.
    */
+  purge?: PurgeOptions | false;
+  /** @deprecated Use `purge: { intervalMs }` (or `purge: false` for 0). */
   purgeIntervalMs?: number;
-  /** Records deleted per purge batch (one short write transaction each). Default 1000. */
+  /** @deprecated Use `purge: { batch }`. */
   purgeBatch?: number;
   /** Clock, for tests. Default `Date.now`. */
   now?: () => number;
@@ -133,8 +143,6 @@ const CAPABILITIES: StoreCapabilities = { nativeTtl: false, serverClock: false, 
 const IDENTIFIER = /^[A-Za-z_][A-Za-z0-9_]{0,62}$/;
 const IN_PROGRESS = 0;
 const COMPLETED = 1;
-/** Most expired-record batches one purge tick deletes, so a backlog never blocks the event loop for long. */
-const MAX_BATCHES_PER_TICK = 10;
 
 interface Row {
   state: number;
@@ -200,7 +208,7 @@ export function migrateSqlite(db: SqliteDatabase, options: SqliteMigrateOptions 
  * import Database from 'better-sqlite3';
  * import { sqliteStore } from 'oncely/stores/sqlite';
  *
- * const store = sqliteStore({ database: new Database('/var/lib/app/oncely.db'), purgeIntervalMs: 60_000 });
+ * const store = sqliteStore({ database: new Database('/var/lib/app/oncely.db'), purge: { intervalMs: 10_000, batch: 1000 } });
  * // ... on shutdown:
  * await store.close(); // stops the purge timer; the Database stays open
  * ```
@@ -209,9 +217,7 @@ export function sqliteStore(options: SqliteStoreOptions): SqliteStore {
   const db = options.database;
   const table = tableName(options.table);
   const now = options.now ?? Date.now;
-  const purgeBatch = options.purgeBatch ?? 1000;
-  const purgeIntervalMs = options.purgeIntervalMs ?? 60_000;
-  if (!Number.isInteger(purgeBatch) || purgeBatch < 1) throw new ConfigError('purgeBatch must be a positive integer.');
+  const purging = purgeSettings(options.purge, { intervalMs: options.purgeIntervalMs, batch: options.purgeBatch });
 
   if (options.configure !== false) {
     // WAL: readers never wait for the writer; NORMAL: no fsync per commit
@@ -249,8 +255,10 @@ export function sqliteStore(options: SqliteStoreOptions): SqliteStore {
     `SELECT state, token, fingerprint, lease_until, expires_at, outcome FROM ${t} WHERE id = ? AND expires_at > ?`,
   );
   const deleteStmt = db.prepare(`DELETE FROM ${t} WHERE id = ? RETURNING expires_at`);
+  // Oldest first on the expires_at index; by rowid, so the delete needs no
+  // second lookup through the primary key.
   const purgeStmt = db.prepare(
-    `DELETE FROM ${t} WHERE rowid IN (SELECT rowid FROM ${t} WHERE expires_at <= ? LIMIT ?)`,
+    `DELETE FROM ${t} WHERE rowid IN (SELECT rowid FROM ${t} WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)`,
   );
 
   const decide = (id: string, input: ClaimInput, at: number): ClaimResult => {
@@ -286,19 +294,10 @@ export function sqliteStore(options: SqliteStoreOptions): SqliteStore {
   };
 
   const purge = (limit: number): number => purgeStmt.run(now(), Math.max(0, Math.floor(limit))).changes;
-
-  let timer: ReturnType<typeof setInterval> | undefined;
-  if (purgeIntervalMs > 0) {
-    timer = setInterval(() => {
-      if (!db.open) return;
-      try {
-        for (let i = 0; i < MAX_BATCHES_PER_TICK; i++) if (purge(purgeBatch) < purgeBatch) break;
-      } catch {
-        // A busy or closed database: the next tick tries again; expired records are absent anyway.
-      }
-    }, purgeIntervalMs);
-    timer.unref();
-  }
+  // A database the user closed has nothing left to purge, and a transaction
+  // the user left open is not ours to write into: the drain ends quietly.
+  let timer =
+    purging === undefined ? undefined : startPurge({ purgeExpired: async (limit) => (db.open && !db.inTransaction ? purge(limit) : 0) }, purging);
 
   return {
     name: 'sqlite',
@@ -356,7 +355,7 @@ export function sqliteStore(options: SqliteStoreOptions): SqliteStore {
       return purge(limit);
     },
     async close() {
-      if (timer !== undefined) clearInterval(timer);
+      await timer?.stop();
       timer = undefined;
     },
   };

@@ -1,6 +1,7 @@
 import { strict as assert } from 'node:assert';
 import { randomBytes } from 'node:crypto';
 import type { ClaimInput, IdempotencyStore } from '../engine/store.js';
+import { purgeExpiredRecords } from '../stores/purge.js';
 
 /** The test-runner functions the suite registers its cases with (vitest, jest, mocha and node:test all fit). */
 export interface ConformanceRunner {
@@ -37,8 +38,11 @@ const LONG: ClaimInput = { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 };
 /**
  * Register the store conformance suite: every transition of the record
  * lifecycle, fencing (a stale token can neither renew, complete nor
- * release), lease takeover, TTL expiry, and 100 concurrent claims of one id
- * with exactly one winner. Run it against the real server, never a mock.
+ * release), lease takeover, TTL expiry, the purge of expired records (never
+ * a live one), and 100 concurrent claims of one id with exactly one winner.
+ * Run it against the real server, never a mock. Turn the store's own
+ * background purge off for the run (`purge: false`): the purge cases count
+ * what they delete themselves.
  *
  * @example
  * ```ts
@@ -305,6 +309,34 @@ export function defineStoreConformance(runner: ConformanceRunner, options: Store
       if (!store.capabilities.nativeTtl) assert.ok(purged >= ids.length, `purged ${purged} of ${ids.length}`);
       for (const id of ids) assert.equal(await store.get(id), null);
       assert.equal((await store.get(keep))?.state, 'in_progress');
+    });
+
+    it('drains every expired record with purgeExpiredRecords, and keeps live ones (in progress past their lease too)', async () => {
+      const expired = Array.from({ length: 25 }, newId);
+      for (const id of expired) {
+        const claim = await store.claim(id, LONG);
+        if (claim.status !== 'acquired') assert.fail('expected acquired');
+        assert.equal(await store.complete(id, claim.token, 'x', short), true);
+      }
+      const done = newId();
+      const claimed = await store.claim(done, LONG);
+      if (claimed.status !== 'acquired') assert.fail('expected acquired');
+      assert.equal(await store.complete(done, claimed.token, 'kept', 60_000), true);
+      // Its lease ends with the others' retention, but the record is retained for a minute.
+      const stalled = newId();
+      assert.equal((await store.claim(stalled, SHORT)).status, 'acquired');
+      await sleep(short * 2 + 50);
+      const report = await purgeExpiredRecords(store, { batch: 4 });
+      assert.equal(report.done, true);
+      if (!store.capabilities.nativeTtl) {
+        assert.ok(report.deleted >= expired.length, `deleted ${report.deleted} of ${expired.length}`);
+        assert.ok(report.batches >= Math.ceil(expired.length / 4), `${report.batches} batches`);
+      }
+      for (const id of expired) assert.equal(await store.get(id), null);
+      assert.equal((await store.get(done))?.state, 'completed');
+      assert.equal((await store.get(stalled))?.state, 'in_progress');
+      const takeover = await store.claim(stalled, SHORT);
+      assert.equal(takeover.status === 'acquired' && takeover.takeover, true, 'the stalled record is still there to take over');
     });
 
     it('keeps different ids independent', async () => {
