@@ -261,3 +261,31 @@ describe('canonicalJson depth limit', () => {
     expect(() => fingerprintOf([loop])).toThrow(TypeError);
   });
 });
+
+describe('numbers JSON cannot write, and BigInt', () => {
+  it('writes non-finite numbers as their own tokens, never as null', () => {
+    // JSON.parse turns an overflowing literal into ±Infinity.
+    expect(canonicalJson(JSON.parse('[1e400,-1e400,null]'))).toBe('[Infinity,-Infinity,null]');
+    expect(canonicalJson({ n: Number.NaN })).toBe('{"n":NaN}');
+  });
+
+  it('gives 1e400, -1e400 and null bodies three fingerprints', () => {
+    const of = (text: string) => fingerprintV1({ method: 'POST', path: '/p', body: { json: JSON.parse(text) } });
+    const prints = ['{"a":1e400}', '{"a":-1e400}', '{"a":null}', '1e400', '-1e400', 'null'].map(of);
+    expect(new Set(prints).size).toBe(prints.length);
+    expect(of('{"a":1e400}')).toBe(of('{"a":1e999}'));
+  });
+
+  it('gives NaN, Infinity, -Infinity and null four fingerprints as arguments', () => {
+    for (const wrap of [(v: unknown) => v, (v: unknown) => [v], (v: unknown) => ({ a: v })]) {
+      const prints = [Number.NaN, Number.POSITIVE_INFINITY, Number.NEGATIVE_INFINITY, null].map((v) => fingerprintOf(wrap(v)));
+      expect(new Set(prints).size).toBe(4);
+    }
+  });
+
+  it('writes a BigInt as digits and n, apart from the number and the strings', () => {
+    expect(canonicalJson({ id: 2n ** 64n, neg: -5n })).toBe('{"id":18446744073709551616n,"neg":-5n}');
+    const prints = [[1n], [1], ['1'], ['1n']].map((args) => fingerprintOf(args));
+    expect(new Set(prints).size).toBe(4);
+  });
+});

@@ -27,6 +27,10 @@ export const MAX_JSON_DEPTH = 512;
  * honoured; in objects, `undefined`, functions and symbols are skipped, and
  * elsewhere they read as `null`, as with `JSON.stringify`.
  *
+ * Where JSON has no spelling, the output leaves JSON so that distinct values
+ * stay distinct: `NaN`, `Infinity` and `-Infinity` (JSON.parse makes these
+ * from a literal like `1e400`) are written bare, and a BigInt as `123n`.
+ *
  * An iterative walk, so nesting cannot overflow the call stack.
  *
  * @throws BodyInvalidError when arrays and objects nest deeper than
@@ -166,13 +170,20 @@ function primitiveJson(value: unknown): string {
     case 'string':
       return quote(value);
     case 'number':
-      // Number-to-string is what JSON.stringify does for finite numbers (-0 gives "0").
-      return Number.isFinite(value) ? `${value}` : 'null';
+      // Number-to-string is what JSON.stringify does for finite numbers (-0
+      // gives "0"). It also names NaN and ±Infinity, which JSON.stringify
+      // would write as null: a 1e400 literal must not hash like null.
+      return `${value}`;
     case 'boolean':
       return value ? 'true' : 'false';
     case 'bigint':
+      // JSON.stringify throws on a BigInt. `123n` cannot be confused with the
+      // number or a string; a BigInt with a toJSON (a patched prototype) keeps
+      // the answer it always had.
+      if (typeof (value as { toJSON?: unknown }).toJSON === 'function') return JSON.stringify(value) ?? 'null';
+      return `${value}n`;
     case 'function':
-      // JSON.stringify calls a `toJSON` on these, or throws or gives undefined.
+      // JSON.stringify calls a function's `toJSON`, or gives undefined.
       return JSON.stringify(value) ?? 'null';
     default:
       // null, undefined, symbols.

@@ -37,4 +37,15 @@ describe.each(DOORS)('%s', (door) => {
     }
     expect(app.executions()).toBe(before);
   });
+
+  it('tells 1e400, -1e400 and null apart: one key cannot be reused across them', async () => {
+    const key = newKey();
+    expect((await post(app, key, '{"amount":1e400}')).status).toBe(201);
+    for (const other of ['{"amount":null}', '{"amount":-1e400}']) {
+      const res = await post(app, key, other);
+      expect(res.status).toBe(422);
+      expect(JSON.parse(res.text).type).toBe('https://oncely.dev/problems/key-reused');
+    }
+    expect((await post(app, key, '{"amount":1e400}')).status).toBe(201);
+  });
 });
