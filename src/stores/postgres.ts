@@ -10,6 +10,10 @@
  *   connection, each operation is one Bind/Execute round trip.
  * - Outcomes are stored as `bytea` (UTF-8): PostgreSQL `text` cannot hold
  *   U+0000, which a serialised outcome may contain.
+ * - PostgreSQL has no TTL: expired records are absent to every operation and
+ *   are deleted by a background purge started with the store (stopped by
+ *   `close()`): batches oldest first on the `expires_at` index, rows locked
+ *   with `SKIP LOCKED`, repeated while a batch comes back full.
  *
  * @example
  * ```ts
@@ -34,6 +38,9 @@ import type {
 import { newToken } from '../engine/token.js';
 import { inBatchOrder } from './batch.js';
 import { ConfigError, StoreUnavailableError } from '../errors/index.js';
+import { type PurgeOptions, purgeSettings, startPurge } from './purge.js';
+
+export { type PurgeOptions, type PurgeReport, type PurgeRunOptions, purgeExpiredRecords } from './purge.js';
 
 /**
  * A query as `pg` accepts it: a `name` makes it a prepared statement, reused per connection.
@@ -82,7 +89,7 @@ export interface PgQueryable {
  *
  * @example
  * ```ts
- * const options: PostgresStoreOptions = { pool, schema: 'app', table: 'oncely_records' };
+ * const options: PostgresStoreOptions = { pool, schema: 'app', table: 'oncely_records', purge: { intervalMs: 10_000 } };
  * ```
  */
 export interface PostgresStoreOptions {
@@ -92,6 +99,13 @@ export interface PostgresStoreOptions {
   schema?: string;
   /** Table name. Default `oncely_records`. */
   table?: string;
+  /**
+   * Background purge of expired records: a drain every `intervalMs`
+   * (default 10 000) in batches of `batch` records (default 1000), or
+   * `false` to turn it off (then call {@link purgeExpiredRecords} from a
+   * cron job). The timer is unref'd and stops on `close()`.
+   */
+  purge?: PurgeOptions | false;
 }
 
 /**
@@ -291,12 +305,21 @@ SELECT false, c.id, false, c.lease_until, c.state, c.fingerprint, c.expires_at, 
   const getSql = `SELECT r.state, r.fingerprint, r.lease_until, r.expires_at, r.outcome
   FROM ${t} AS r, ${NOW_FROM} n WHERE r.id = $1 AND r.expires_at > n.ms`;
   const deleteSql = `DELETE FROM ${t} AS r USING ${NOW_FROM} n WHERE r.id = $1 RETURNING r.expires_at > n.ms AS live`;
-  const purgeSql = `DELETE FROM ${t} WHERE id IN (
-  SELECT id FROM ${t} WHERE expires_at <= ${NOW} LIMIT $1 FOR UPDATE SKIP LOCKED)`;
+  // Oldest first on the expires_at index; SKIP LOCKED: several purging
+  // processes, and a claim holding a row, never wait for each other. The ids
+  // come as one array (an init plan), so the delete finds its rows through
+  // the primary key: "id IN (subquery)" may be planned as a hash join over a
+  // scan of the whole table.
+  const purgeSql = `DELETE FROM ${t} WHERE id = ANY(ARRAY(
+  SELECT id FROM ${t} WHERE expires_at <= ${NOW} ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED))`;
 
   // Durations are rounded to whole ms before they meet a bigint parameter.
   const run = (name: string, text: string, values: unknown[]): Promise<PgQueryResult> =>
     pool.query({ name: prefix + name, text, values });
+  const purge = async (limit: number): Promise<number> =>
+    (await run('purge', purgeSql, [Math.max(0, Math.floor(limit))])).rowCount ?? 0;
+  const purging = purgeSettings(options.purge);
+  let timer = purging === undefined ? undefined : startPurge({ purgeExpired: purge }, purging);
 
   return {
     name: 'postgres',
@@ -365,10 +388,12 @@ SELECT false, c.id, false, c.lease_until, c.state, c.fingerprint, c.expires_at, 
       return row?.live === true;
     },
     async purgeExpired(limit) {
-      return (await run('purge', purgeSql, [Math.max(0, Math.floor(limit))])).rowCount ?? 0;
+      return purge(limit);
     },
     async close() {
-      // The pool is the user's: nothing of ours to release.
+      // Only the purge timer is ours: the pool is the user's.
+      await timer?.stop();
+      timer = undefined;
     },
   };
 }

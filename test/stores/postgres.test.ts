@@ -1,5 +1,17 @@
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { migratePostgres, type PgQueryable, postgresSchemaSql, postgresStore } from 'oncely/stores/postgres';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import {
+  migratePostgres,
+  type PgQueryable,
+  type PostgresStore,
+  postgresSchemaSql,
+  postgresStore,
+  purgeExpiredRecords,
+} from 'oncely/stores/postgres';
 import { defineStoreConformance } from 'oncely/testing';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -24,6 +36,45 @@ const newPool = (): pg.Pool => {
 const admin = newPool();
 const newId = (): string => randomBytes(32).toString('hex');
 const LONG = { fingerprint: 'v1:fp', leaseMs: 30_000, ttlMs: 60_000 };
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+/** Tables the purge tests create, dropped after the file. */
+const purgeTables: string[] = [];
+
+/** A fresh table of its own for one purge test. */
+async function freshTable(): Promise<string> {
+  const name = `oncely_purge_${randomBytes(6).toString('hex')}`;
+  purgeTables.push(name);
+  await migratePostgres(admin, { table: name });
+  return name;
+}
+async function rows(name: string): Promise<number> {
+  return (await admin.query(`SELECT count(*)::int AS n FROM "${name}"`)).rows[0].n;
+}
+/** Wait until `check` holds (polling), or fail after `ms`. */
+async function until(check: () => Promise<boolean>, ms = 10_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error('timed out waiting');
+    await sleep(20);
+  }
+}
+/** Claim and complete `id` with a retention of `ttlMs`. */
+async function completed(store: PostgresStore, id: string, ttlMs: number): Promise<void> {
+  const claim = await store.claim(id, LONG);
+  if (claim.status !== 'acquired') throw new Error('expected acquired');
+  expect(await store.complete(id, claim.token, 'x', ttlMs)).toBe(true);
+}
+/** Insert `n` records that expired a minute ago, straight in SQL (a backlog). */
+async function backlog(name: string, n: number): Promise<void> {
+  await admin.query(
+    `INSERT INTO "${name}" (id, state, token, fingerprint, lease_until, expires_at, outcome)
+     SELECT 'expired-' || g, 1, NULL, NULL, 0, (extract(epoch FROM now()) * 1000)::bigint - 60000 + g % 1000,
+            convert_to('{"status":201}', 'UTF8')
+       FROM generate_series(1, $1::int) g`,
+    [n],
+  );
+  await admin.query(`ANALYZE "${name}"`);
+}
 
 /** Wrap a pool so that every query (one round trip each: named statements are prepared on the same trip) is counted. */
 function counted(pool: PgQueryable): PgQueryable & { count: number } {
@@ -43,6 +94,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await admin.query(`DROP TABLE IF EXISTS "${table}"`);
+  for (const name of purgeTables) await admin.query(`DROP TABLE IF EXISTS "${name}"`);
   await admin.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
   await Promise.all(pools.map((pool) => pool.end()));
 });
@@ -51,8 +103,8 @@ defineStoreConformance(
   { describe, it, beforeAll, afterAll },
   {
     name: 'postgres',
-    store: () => postgresStore({ pool: newPool(), table }),
-    anotherClient: () => postgresStore({ pool: newPool(), table }),
+    store: () => postgresStore({ pool: newPool(), table, purge: false }),
+    anotherClient: () => postgresStore({ pool: newPool(), table, purge: false }),
   },
 );
 
@@ -219,5 +271,137 @@ describe('postgres store', () => {
     const replay = await store.claim(id, LONG);
     if (replay.status !== 'completed') throw new Error('expected completed');
     expect(replay.record.outcome === outcome).toBe(true);
+  });
+
+  it('purges expired records in the background, without anyone calling purge; live and in-progress records stay', async () => {
+    const name = await freshTable();
+    const store = postgresStore({ pool: newPool(), table: name, purge: { intervalMs: 30, batch: 2 } });
+    for (let i = 0; i < 5; i++) await completed(store, newId(), 20);
+    const live = newId();
+    await completed(store, live, 60_000);
+    // Lease over, record retained: a crashed owner's record waits for a takeover, not for the purge.
+    const stalled = newId();
+    expect((await store.claim(stalled, { ...LONG, leaseMs: 10 })).status).toBe('acquired');
+    await until(async () => (await rows(name)) === 2);
+    expect(await store.get(live)).toMatchObject({ state: 'completed' });
+    expect(await store.get(stalled)).toMatchObject({ state: 'in_progress' });
+    await store.close();
+    // Stopped: nothing is purged any more.
+    await completed(store, newId(), 10);
+    await sleep(200);
+    expect(await rows(name)).toBe(3);
+  });
+
+  it('drains a backlog in batches, oldest first on the expires_at index, and keeps live records', async () => {
+    const name = await freshTable();
+    const store = postgresStore({ pool: newPool(), table: name, purge: false });
+    await backlog(name, 20_000);
+    const live = newId();
+    await completed(store, live, 60_000);
+    const plan = await admin.query(
+      `EXPLAIN SELECT id FROM "${name}" WHERE expires_at <= 0 ORDER BY expires_at LIMIT 1000 FOR UPDATE SKIP LOCKED`,
+    );
+    expect(plan.rows.map((r) => r['QUERY PLAN']).join('\n')).toMatch(/Index Scan using "?oncely_purge_\w+_expires_at_idx/);
+    // One batch deletes the oldest records first: 20 records share each of 1000 deadlines.
+    const oldest = async (): Promise<number> => Number((await admin.query(`SELECT min(expires_at) AS m FROM "${name}"`)).rows[0].m);
+    const before = await oldest();
+    expect(await store.purgeExpired(1000)).toBe(1000);
+    expect(await oldest()).toBe(before + 50);
+    const report = await purgeExpiredRecords(store, { batch: 1000 });
+    expect(report).toMatchObject({ deleted: 19_000, batches: 20, done: true });
+    expect(await rows(name)).toBe(1);
+    expect(await store.get(live)).toMatchObject({ state: 'completed' });
+  });
+
+  it('lets several processes purge one table at once: SKIP LOCKED, nobody waits, every record deleted once', async () => {
+    const name = await freshTable();
+    await backlog(name, 20_000);
+    const stores = Array.from({ length: 4 }, () => postgresStore({ pool: newPool(), table: name, purge: false }));
+    const reports = await Promise.all(stores.map((store) => purgeExpiredRecords(store, { batch: 500 })));
+    expect(reports.reduce((sum, r) => sum + r.deleted, 0)).toBe(20_000);
+    expect(await rows(name)).toBe(0);
+  });
+
+  it('adds the expires_at index to a table created without it', async () => {
+    const name = `oncely_old_${randomBytes(6).toString('hex')}`;
+    purgeTables.push(name);
+    await admin.query(
+      `CREATE TABLE "${name}" (id varchar(128) PRIMARY KEY, state smallint NOT NULL, token text, fingerprint text,
+        lease_until bigint NOT NULL, expires_at bigint NOT NULL, takeover boolean NOT NULL DEFAULT false, outcome bytea)`,
+    );
+    await migratePostgres(admin, { table: name });
+    const index = await admin.query("SELECT indexname FROM pg_indexes WHERE tablename = $1 AND indexdef LIKE '%(expires_at)'", [
+      name,
+    ]);
+    expect(index.rows.map((r) => r.indexname)).toEqual([`${name}_expires_at_idx`]);
+  });
+
+  it('leaves no open handle: a process with a purging store exits by itself, closed or not', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'oncely-pg-exit-'));
+    try {
+      const name = await freshTable();
+      const storeUrl = pathToFileURL(resolve('src/stores/postgres.ts')).href;
+      const pgUrl = pathToFileURL(resolve('node_modules/pg/lib/index.js')).href;
+      for (const closeIt of [true, false]) {
+        const script = join(dir, `exit-${closeIt}.mjs`);
+        writeFileSync(
+          script,
+          `import pg from ${JSON.stringify(pgUrl)};
+import { postgresStore } from ${JSON.stringify(storeUrl)};
+const pool = new pg.Pool(${JSON.stringify({ ...config, max: 2 })});
+pool.on('error', () => {});
+const store = postgresStore({ pool, table: ${JSON.stringify(name)}, purge: { intervalMs: 20 } });
+const claim = await store.claim('a-${closeIt}', { fingerprint: null, leaseMs: 1000, ttlMs: 10 });
+await store.complete('a-${closeIt}', claim.token, 'x', 10);
+await new Promise((r) => setTimeout(r, 150));
+${closeIt ? 'await store.close();' : ''}
+await pool.end();
+process.stdout.write('done');
+`,
+        );
+        const child = spawn(process.execPath, ['--conditions=source', '--import', 'tsx', script], {
+          cwd: resolve('.'),
+          stdio: ['ignore', 'pipe', 'inherit'],
+        });
+        let out = '';
+        child.stdout.on('data', (chunk: Buffer) => {
+          out += chunk.toString();
+        });
+        const code = await new Promise<number | null>((resolveExit, reject) => {
+          const timer = setTimeout(() => {
+            child.kill('SIGKILL');
+            reject(new Error(`the process did not exit by itself (close: ${closeIt})`));
+          }, 15_000);
+          child.on('exit', (exitCode) => {
+            clearTimeout(timer);
+            resolveExit(exitCode);
+          });
+        });
+        expect(code).toBe(0);
+        expect(out).toBe('done');
+      }
+      expect(await rows(name)).toBe(0); // the children's background purge ran
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 40_000);
+
+  it('reports a failed drain to onError and goes on purging', async () => {
+    const name = await freshTable();
+    let failures = 0;
+    let purges = 0;
+    const real = newPool();
+    // The first two purge statements fail, as a dropped connection would.
+    const flaky: PgQueryable = {
+      query(config) {
+        if (config.name?.endsWith('purge') && ++purges <= 2) return Promise.reject(new Error('boom'));
+        return real.query(config);
+      },
+    };
+    const store = postgresStore({ pool: flaky, table: name, purge: { intervalMs: 20, onError: () => failures++ } });
+    await completed(store, newId(), 10);
+    await until(async () => (await rows(name)) === 0);
+    expect(failures).toBe(2);
+    await store.close();
   });
 });
