@@ -24,8 +24,15 @@ export const DEFAULT_REPLAY_HEADERS: readonly string[] = [
   'link',
 ];
 
-/** Never replayed, even when listed: per-connection, per-request or per-moment headers. */
+/**
+ * Never replayed, even when listed in `replayHeaders`: headers that belong to
+ * one connection, one request or one moment, or to a session, rather than to
+ * the operation's result. A replay that carried them would hand one caller
+ * another request's trace or request id, a stale CSRF token or credential, or
+ * an out-of-date transport policy; the live stack sets its own on the replay.
+ */
 export const NEVER_REPLAYED: ReadonlySet<string> = new Set([
+  // Per connection (hop-by-hop) or framing.
   'set-cookie',
   'date',
   'content-length',
@@ -36,11 +43,49 @@ export const NEVER_REPLAYED: ReadonlySet<string> = new Set([
   'upgrade',
   'trailer',
   'te',
+  // Transport policy of the server at that moment; it sends its current one.
+  'alt-svc',
+  'strict-transport-security',
+  // Per request: ids, traces and timings.
   'x-request-id',
   'request-id',
   'x-correlation-id',
   'traceparent',
   'tracestate',
+  'baggage',
+  'x-trace-id',
+  'x-amzn-trace-id',
+  'x-amzn-requestid',
+  'x-amz-request-id',
+  'x-amz-id-2',
+  'x-amz-cf-id',
+  'cf-ray',
+  'x-cloud-trace-context',
+  'b3',
+  'x-b3-traceid',
+  'x-b3-spanid',
+  'x-b3-parentspanid',
+  'x-b3-sampled',
+  'x-b3-flags',
+  'uber-trace-id',
+  'sentry-trace',
+  'x-datadog-trace-id',
+  'x-datadog-parent-id',
+  'server-timing',
+  'x-response-time',
+  'x-runtime',
+  // Per session: credentials, challenges and CSRF tokens.
+  'authorization',
+  'proxy-authorization',
+  'cookie',
+  'www-authenticate',
+  'proxy-authenticate',
+  'authentication-info',
+  'proxy-authentication-info',
+  'x-csrf-token',
+  'x-xsrf-token',
+  'csrf-token',
+  // Per moment: rate limits and back-off.
   'retry-after',
   'ratelimit',
   'ratelimit-policy',
@@ -50,5 +95,6 @@ export const NEVER_REPLAYED: ReadonlySet<string> = new Set([
   'x-ratelimit-limit',
   'x-ratelimit-remaining',
   'x-ratelimit-reset',
+  // Set by oncely on the replay itself.
   'idempotent-replayed',
 ]);
