@@ -12,6 +12,10 @@
  *   or in progress) reads the record with a second statement.
  * - Deadlines come from the server's clock (`UTC_TIMESTAMP(3)`, independent
  *   of the session time zone).
+ * - MySQL has no TTL: expired records are absent to every operation and are
+ *   deleted by a background purge started with the store (stopped by
+ *   `close()`): `DELETE … ORDER BY expires_at LIMIT n` on the `expires_at`
+ *   index, repeated while a batch comes back full.
  *
  * @example
  * ```ts
@@ -35,6 +39,9 @@ import type {
 import { newToken } from '../engine/token.js';
 import { inBatchOrder } from './batch.js';
 import { ConfigError, StoreUnavailableError } from '../errors/index.js';
+import { type PurgeOptions, type PurgeTimer, purgeSettings, startPurge } from './purge.js';
+
+export { type PurgeOptions, type PurgeReport, type PurgeRunOptions, purgeExpiredRecords } from './purge.js';
 
 /**
  * The part of a `mysql2/promise` Pool (or Connection) the store uses.
@@ -69,7 +76,7 @@ export type MysqlValue = string | number | null;
  *
  * @example
  * ```ts
- * const options: MysqlStoreOptions = { pool, table: 'app.oncely_records', returning: true };
+ * const options: MysqlStoreOptions = { pool, table: 'app.oncely_records', returning: true, purge: { intervalMs: 10_000 } };
  * ```
  */
 export interface MysqlStoreOptions {
@@ -82,6 +89,13 @@ export interface MysqlStoreOptions {
    * `SELECT VERSION()` on first use. Set it to skip the detection.
    */
   returning?: boolean;
+  /**
+   * Background purge of expired records: a drain every `intervalMs`
+   * (default 10 000) in batches of `batch` records (default 1000), or
+   * `false` to turn it off (then call {@link purgeExpiredRecords} from a
+   * cron job). The timer is unref'd and stops on `close()`.
+   */
+  purge?: PurgeOptions | false;
 }
 
 /**
@@ -184,8 +198,13 @@ export function mysqlSchemaSql(options: MysqlMigrateOptions = {}): string {
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin`;
 }
 
+/** MySQL error number of `ADD INDEX` when an index of that name exists (another process added it first). */
+const ER_DUP_KEYNAME = 1061;
+
 /**
- * Create the store's table when missing.
+ * Create the store's table when missing, and the `expires_at` index the
+ * purge walks when a table made by an older schema lacks it (MySQL has no
+ * `CREATE INDEX IF NOT EXISTS`, so the index is looked up first).
  *
  * @example
  * ```ts
@@ -195,7 +214,15 @@ export function mysqlSchemaSql(options: MysqlMigrateOptions = {}): string {
  * ```
  */
 export async function migrateMysql(pool: MysqlQueryable, options: MysqlMigrateOptions = {}): Promise<void> {
+  const { table, index } = quoted(options.table);
   await pool.query(mysqlSchemaSql(options));
+  const [rows] = await pool.query(`SHOW INDEX FROM ${table} WHERE Column_name = 'expires_at' AND Seq_in_index = 1`);
+  if ((rows as unknown[]).length > 0) return;
+  try {
+    await pool.query(`ALTER TABLE ${table} ADD INDEX ${index} (expires_at)`);
+  } catch (error) {
+    if ((error as { errno?: number }).errno !== ER_DUP_KEYNAME) throw error;
+  }
 }
 
 /**
@@ -214,6 +241,8 @@ export async function migrateMysql(pool: MysqlQueryable, options: MysqlMigrateOp
 export function mysqlStore(options: MysqlStoreOptions): MysqlStore {
   const { pool } = options;
   const { table: t } = quoted(options.table);
+  const purging = purgeSettings(options.purge);
+  let timer: PurgeTimer | undefined;
 
   // Assignments run left to right and each sees the values set before it
   // (MySQL and MariaDB alike). The first two decide on the old row; from
@@ -391,9 +420,12 @@ export function mysqlStore(options: MysqlStoreOptions): MysqlStore {
       return (await header(purgeSql, [n])).affectedRows;
     },
     async close() {
-      // The pool is the user's: nothing of ours to release.
+      // Only the purge timer is ours: the pool is the user's.
+      await timer?.stop();
+      timer = undefined;
     },
   };
+  timer = purging === undefined ? undefined : startPurge(store, purging);
   return store;
 }
 

@@ -1,6 +1,19 @@
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import mysql from 'mysql2/promise';
-import { migrateMysql, type MysqlQueryable, type MysqlValue, mysqlSchemaSql, mysqlStore } from 'oncely/stores/mysql';
+import {
+  migrateMysql,
+  type MysqlQueryable,
+  type MysqlStore,
+  type MysqlValue,
+  mysqlSchemaSql,
+  mysqlStore,
+  purgeExpiredRecords,
+} from 'oncely/stores/mysql';
 import { defineStoreConformance } from 'oncely/testing';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
@@ -24,6 +37,48 @@ const newPool = (): mysql.Pool => {
 const admin = newPool();
 const newId = (): string => randomBytes(32).toString('hex');
 const LONG = { fingerprint: 'v1:fp', leaseMs: 30_000, ttlMs: 60_000 };
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+/** Tables the purge tests create, dropped after the file. */
+const purgeTables: string[] = [];
+
+/** A fresh table of its own for one purge test. */
+async function freshTable(): Promise<string> {
+  const name = `oncely_purge_${randomBytes(6).toString('hex')}`;
+  purgeTables.push(name);
+  await migrateMysql(admin, { table: name });
+  return name;
+}
+async function rows(name: string): Promise<number> {
+  const [result] = await admin.query(`SELECT COUNT(*) AS n FROM \`${name}\``);
+  return Number((result as Array<{ n: number }>)[0]!.n);
+}
+/** Wait until `check` holds (polling), or fail after `ms`. */
+async function until(check: () => Promise<boolean>, ms = 10_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error('timed out waiting');
+    await sleep(20);
+  }
+}
+/** Claim and complete `id` with a retention of `ttlMs`. */
+async function completed(store: MysqlStore, id: string, ttlMs: number): Promise<void> {
+  const claim = await store.claim(id, LONG);
+  if (claim.status !== 'acquired') throw new Error('expected acquired');
+  expect(await store.complete(id, claim.token, 'x', ttlMs)).toBe(true);
+}
+/** Insert `n` records that expired a minute ago, 20 sharing each of 1000 deadlines (a backlog). */
+async function backlog(name: string, n: number): Promise<void> {
+  const base = Date.now() - 60_000;
+  for (let start = 0; start < n; start += 1000) {
+    const count = Math.min(1000, n - start);
+    const values: MysqlValue[] = [];
+    for (let i = start; i < start + count; i++) values.push(`expired-${i}`, base + (i % 1000));
+    await admin.query(
+      `INSERT INTO \`${name}\` (id, state, lease_until, expires_at, outcome) VALUES ${Array.from({ length: count }, () => "(?, 1, 0, ?, '{}')").join(', ')}`,
+      values,
+    );
+  }
+}
 
 /** Wrap a pool so that every statement sent (`execute` and `query`) is counted. */
 function counted(pool: MysqlQueryable): MysqlQueryable & { count: number } {
@@ -47,7 +102,7 @@ beforeAll(async () => {
 });
 
 afterAll(async () => {
-  for (const name of [table, plainTable, customTable]) await admin.query(`DROP TABLE IF EXISTS \`${name}\``);
+  for (const name of [table, plainTable, customTable, ...purgeTables]) await admin.query(`DROP TABLE IF EXISTS \`${name}\``);
   await Promise.all(pools.map((pool) => pool.end()));
 });
 
@@ -55,8 +110,8 @@ defineStoreConformance(
   { describe, it, beforeAll, afterAll },
   {
     name: 'mysql (MariaDB, RETURNING detected)',
-    store: () => mysqlStore({ pool: newPool(), table }),
-    anotherClient: () => mysqlStore({ pool: newPool(), table }),
+    store: () => mysqlStore({ pool: newPool(), table, purge: false }),
+    anotherClient: () => mysqlStore({ pool: newPool(), table, purge: false }),
   },
 );
 
@@ -65,8 +120,8 @@ defineStoreConformance(
   { describe, it, beforeAll, afterAll },
   {
     name: 'mysql (without RETURNING)',
-    store: () => mysqlStore({ pool: newPool(), table: plainTable, returning: false }),
-    anotherClient: () => mysqlStore({ pool: newPool(), table: plainTable, returning: false }),
+    store: () => mysqlStore({ pool: newPool(), table: plainTable, returning: false, purge: false }),
+    anotherClient: () => mysqlStore({ pool: newPool(), table: plainTable, returning: false, purge: false }),
   },
 );
 
@@ -234,4 +289,116 @@ describe('mysql store', () => {
     if (replay.status !== 'completed') throw new Error('expected completed');
     expect(replay.record.outcome === outcome).toBe(true);
   });
+
+  it('purges expired records in the background, without anyone calling purge; live and in-progress records stay', async () => {
+    const name = await freshTable();
+    const store = mysqlStore({ pool: newPool(), table: name, purge: { intervalMs: 30, batch: 2 } });
+    for (let i = 0; i < 5; i++) await completed(store, newId(), 20);
+    const live = newId();
+    await completed(store, live, 60_000);
+    // Lease over, record retained: a crashed owner's record waits for a takeover, not for the purge.
+    const stalled = newId();
+    expect((await store.claim(stalled, { ...LONG, leaseMs: 10 })).status).toBe('acquired');
+    await until(async () => (await rows(name)) === 2);
+    expect(await store.get(live)).toMatchObject({ state: 'completed' });
+    expect(await store.get(stalled)).toMatchObject({ state: 'in_progress' });
+    await store.close();
+    // Stopped: nothing is purged any more.
+    await completed(store, newId(), 10);
+    await sleep(200);
+    expect(await rows(name)).toBe(3);
+  });
+
+  it('drains a backlog in batches, oldest first on the expires_at index, and keeps live records', async () => {
+    const name = await freshTable();
+    const store = mysqlStore({ pool: newPool(), table: name, purge: false });
+    await backlog(name, 20_000);
+    const live = newId();
+    await completed(store, live, 60_000);
+    const [plan] = await admin.query(`EXPLAIN DELETE FROM \`${name}\` WHERE expires_at <= 0 ORDER BY expires_at LIMIT 1000`);
+    expect((plan as Array<{ key: string | null }>)[0]!.key).toBe(`${name}_expires_at`);
+    const oldest = async (): Promise<number> => {
+      const [result] = await admin.query(`SELECT MIN(expires_at) AS m FROM \`${name}\``);
+      return Number((result as Array<{ m: number }>)[0]!.m);
+    };
+    const before = await oldest();
+    expect(await store.purgeExpired(1000)).toBe(1000);
+    expect(await oldest()).toBe(before + 50);
+    const report = await purgeExpiredRecords(store, { batch: 1000 });
+    expect(report).toMatchObject({ deleted: 19_000, batches: 20, done: true });
+    expect(await rows(name)).toBe(1);
+    expect(await store.get(live)).toMatchObject({ state: 'completed' });
+  });
+
+  it('lets several processes purge one table at once: every record deleted once', async () => {
+    const name = await freshTable();
+    await backlog(name, 10_000);
+    const stores = Array.from({ length: 3 }, () => mysqlStore({ pool: newPool(), table: name, purge: false }));
+    const reports = await Promise.all(stores.map((store) => purgeExpiredRecords(store, { batch: 500 })));
+    expect(reports.reduce((sum, r) => sum + r.deleted, 0)).toBe(10_000);
+    expect(await rows(name)).toBe(0);
+  });
+
+  it('adds the expires_at index to a table created without it', async () => {
+    const name = `oncely_old_${randomBytes(6).toString('hex')}`;
+    purgeTables.push(name);
+    await admin.query(
+      `CREATE TABLE \`${name}\` (id VARBINARY(128) NOT NULL, state TINYINT NOT NULL, token VARBINARY(64) NULL,
+        fingerprint VARBINARY(1024) NULL, lease_until BIGINT NOT NULL, expires_at BIGINT NOT NULL,
+        takeover TINYINT NOT NULL DEFAULT 0, outcome LONGTEXT NULL, PRIMARY KEY (id)) ENGINE = InnoDB`,
+    );
+    await Promise.all([migrateMysql(newPool(), { table: name }), migrateMysql(newPool(), { table: name })]);
+    await migrateMysql(admin, { table: name }); // idempotent
+    const [indexes] = await admin.query(`SHOW INDEX FROM \`${name}\` WHERE Column_name = 'expires_at'`);
+    expect((indexes as Array<{ Key_name: string }>).map((r) => r.Key_name)).toEqual([`${name}_expires_at`]);
+  });
+
+  it('leaves no open handle: a process with a purging store exits by itself, closed or not', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'oncely-mysql-exit-'));
+    try {
+      const name = await freshTable();
+      const storeUrl = pathToFileURL(resolve('src/stores/mysql.ts')).href;
+      const mysqlUrl = pathToFileURL(resolve('node_modules/mysql2/promise.js')).href;
+      for (const closeIt of [true, false]) {
+        const script = join(dir, `exit-${closeIt}.mjs`);
+        writeFileSync(
+          script,
+          `import mysql from ${JSON.stringify(mysqlUrl)};
+import { mysqlStore } from ${JSON.stringify(storeUrl)};
+const pool = mysql.createPool(${JSON.stringify({ ...config, connectionLimit: 2 })});
+const store = mysqlStore({ pool, table: ${JSON.stringify(name)}, purge: { intervalMs: 20 } });
+const claim = await store.claim('a-${closeIt}', { fingerprint: null, leaseMs: 1000, ttlMs: 10 });
+await store.complete('a-${closeIt}', claim.token, 'x', 10);
+await new Promise((r) => setTimeout(r, 150));
+${closeIt ? 'await store.close();' : ''}
+await pool.end();
+process.stdout.write('done');
+`,
+        );
+        const child = spawn(process.execPath, ['--conditions=source', '--import', 'tsx', script], {
+          cwd: resolve('.'),
+          stdio: ['ignore', 'pipe', 'inherit'],
+        });
+        let out = '';
+        child.stdout.on('data', (chunk: Buffer) => {
+          out += chunk.toString();
+        });
+        const code = await new Promise<number | null>((resolveExit, reject) => {
+          const timer = setTimeout(() => {
+            child.kill('SIGKILL');
+            reject(new Error(`the process did not exit by itself (close: ${closeIt})`));
+          }, 15_000);
+          child.on('exit', (exitCode) => {
+            clearTimeout(timer);
+            resolveExit(exitCode);
+          });
+        });
+        expect(code).toBe(0);
+        expect(out).toBe('done');
+      }
+      expect(await rows(name)).toBe(0); // the children's background purge ran
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 40_000);
 });
