@@ -1,12 +1,19 @@
 /** What happens to a finished request's outcome. */
 export type OutcomeDecision = 'store' | 'release';
 
-/** Statuses below 500 that are released (a retry runs again) rather than stored. */
-export const RELEASED_4XX: ReadonlySet<number> = new Set([401, 403, 408, 409, 425, 429]);
+/**
+ * Statuses below 500 that are released (a retry runs again) rather than
+ * stored: the request had no effect and a retry may fare differently, once
+ * credentials, permissions, a route or resource, or the server's load change.
+ * 404 and 405 are here so that a request that found no route or resource
+ * does not use up its key for the whole retention.
+ */
+export const RELEASED_4XX: ReadonlySet<number> = new Set([401, 403, 404, 405, 408, 409, 425, 429]);
 
 /**
  * The default outcome policy: store and replay 2xx, 3xx and 4xx except 401,
- * 403, 408, 409, 425 and 429; release 5xx and those 4xx so that a retry runs.
+ * 403, 404, 405, 408, 409, 425 and 429; release 5xx and those 4xx so that a
+ * retry runs.
  */
 export function defaultOutcomePolicy(status: number): OutcomeDecision {
   return status >= 500 || RELEASED_4XX.has(status) ? 'release' : 'store';
