@@ -1,5 +1,5 @@
 import { type Begun, type Claim, type Engine, engineFrom, type Performed } from '../engine/engine.js';
-import { recordId } from '../engine/fingerprint.js';
+import { type RecordIdSecret, recordIdFor } from '../engine/fingerprint.js';
 import { type Disposable, TypedEmitter } from '../engine/events.js';
 import type { IdempotencyStore } from '../engine/store.js';
 import { isThenable } from '../engine/thenable.js';
@@ -172,6 +172,8 @@ export interface ConsumerOptions<M> {
    */
   workingIntervalMs?: number;
   /** Event listeners. */
+  /** Keyed record ids: an HMAC-SHA-256 of (name, message id) under this secret (16+ bytes). */
+  secret?: RecordIdSecret;
   hooks?: ConsumerHooks;
 }
 
@@ -269,6 +271,7 @@ export class IdempotentConsumer<M> {
   /** The engine (store, lease, timeouts). */
   readonly engine: Engine;
   readonly #handler: ConsumerHandler<M>;
+  readonly #recordId: (key: string, scope?: string, namespace?: string) => string;
   readonly #workingIntervalMs: number;
   readonly #events = new TypedEmitter<ConsumerEvents>();
   readonly #engineListener: { dispose(): void };
@@ -278,6 +281,7 @@ export class IdempotentConsumer<M> {
     if (typeof options.handler !== 'function') throw new ConfigError('A consumer needs a handler function.');
     this.name = options.name;
     this.#handler = options.handler;
+    this.#recordId = recordIdFor(options.secret);
     // The consumer's `hooks` are its own events, not the engine's: only the store and its durations follow the engine rule.
     const { engine, store, leaseMs, ttlMs, storeTimeoutMs } = options;
     this.engine = engineFrom({ engine, store, leaseMs, ttlMs, storeTimeoutMs }, `Consumer ${JSON.stringify(options.name)}`);
@@ -306,7 +310,7 @@ export class IdempotentConsumer<M> {
 
   /** The record id of a message id for this consumer. */
   recordIdOf(messageId: string): string {
-    return recordId(messageId, '', `consumer:${this.name}`);
+    return this.#recordId(messageId, '', `consumer:${this.name}`);
   }
 
   /**

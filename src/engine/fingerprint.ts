@@ -1,5 +1,5 @@
 import * as crypto from 'node:crypto';
-import { BodyInvalidError } from '../errors/index.js';
+import { BodyInvalidError, ConfigError } from '../errors/index.js';
 
 /**
  * One-shot SHA-256, hex. `crypto.hash` (Node 20.12+) skips the per-call
@@ -254,4 +254,37 @@ export function fingerprintOf(value: unknown): string {
  */
 export function recordId(key: string, scope = '', namespace = ''): string {
   return sha256Hex(`${namespace}\u0000${scope}\u0000${key}`);
+}
+
+/** The secret behind keyed record ids: at least 16 bytes (a string counts its UTF-8 bytes). */
+export type RecordIdSecret = string | Uint8Array;
+
+/**
+ * Keyed record ids: the same id layout as {@link recordId}, but an
+ * HMAC-SHA-256 under `secret`, so that someone who can read the store (or a
+ * dump of it) cannot confirm a guessed (scope, key) pair offline. Every
+ * process sharing a store must use the same secret; changing it makes every
+ * existing record unreachable (its keys run again once), so rotate it only
+ * with the retention window in mind.
+ *
+ * @throws {@link ConfigError} for a secret shorter than 16 bytes.
+ * @example
+ * ```ts
+ * const idOf = keyedRecordId(process.env.ONCELY_RECORD_SECRET ?? 'a secret of 16+ bytes');
+ * idOf('order-1001', 'acct_1'); // 64 hex characters
+ * ```
+ */
+export function keyedRecordId(secret: RecordIdSecret): (key: string, scope?: string, namespace?: string) => string {
+  const bytes = typeof secret === 'string' ? Buffer.from(secret, 'utf8') : secret;
+  if (!(bytes instanceof Uint8Array) || bytes.byteLength < 16) {
+    throw new ConfigError('The record id `secret` must be a string or bytes of at least 16 bytes.');
+  }
+  const material = Buffer.from(bytes);
+  return (key, scope = '', namespace = '') =>
+    crypto.createHmac('sha256', material).update(`${namespace}\u0000${scope}\u0000${key}`).digest('hex');
+}
+
+/** The record id function for an optional secret: {@link keyedRecordId} with one, {@link recordId} without. */
+export function recordIdFor(secret: RecordIdSecret | undefined): (key: string, scope?: string, namespace?: string) => string {
+  return secret === undefined ? recordId : keyedRecordId(secret);
 }

@@ -1,7 +1,7 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
 import { ConfigError, NotReplayableError } from '../errors/index.js';
 import { checkDuration, type Engine, type EngineOptions, engineFrom, type WaitOptions } from './engine.js';
-import { fingerprintOf, recordId } from './fingerprint.js';
+import { fingerprintOf, type RecordIdSecret, recordIdFor } from './fingerprint.js';
 
 /** What a wrapped function can learn about its own run (the last argument is not touched; use {@link currentRun}). */
 export interface RunContext {
@@ -23,6 +23,8 @@ export interface IdempotentOptions<A extends unknown[]> extends Partial<EngineOp
   key: (...args: A) => string;
   /** Who owns the key (account, tenant). */
   scope?: (...args: A) => string | undefined;
+  /** Keyed record ids (see `HttpIdempotencyOptions.secret`): an HMAC-SHA-256 under this secret. */
+  secret?: RecordIdSecret;
   /** Namespace separating this function's keys from others' in a shared store. Default: the function's name. */
   namespace?: string;
   /**
@@ -101,6 +103,7 @@ export function idempotent<A extends unknown[], R>(
     throw new ConfigError('idempotent() of an anonymous function needs a `namespace` (wrappers without one would share keys).');
   }
   const namespace = options.namespace ?? `fn:${fn.name}`;
+  const idOf = recordIdFor(options.secret);
   const fingerprint = options.fingerprint;
   const isFinal = options.isFinal ?? ((error: unknown) => (error as { final?: unknown } | null)?.final === true);
 
@@ -108,7 +111,7 @@ export function idempotent<A extends unknown[], R>(
     const key = options.key(...args);
     if (typeof key !== 'string' || key.length === 0) throw new ConfigError('The key function must return a non-empty string.');
     const scope = options.scope?.(...args) ?? '';
-    const id = recordId(key, scope, namespace);
+    const id = idOf(key, scope, namespace);
     const fp = fingerprint === false ? null : fingerprintOf(fingerprint ? fingerprint(...args) : args);
     const begun = await engine.begin({ id, fingerprint: fp, scope, leaseMs, ttlMs, wait });
     switch (begun.kind) {

@@ -1,5 +1,5 @@
 import { type Claim, checkDuration, type Engine, type EngineOptions, engineFrom, type Settled, type WaitOptions } from '../engine/engine.js';
-import { type FingerprintInput, fingerprintOf, fingerprintV1, recordId } from '../engine/fingerprint.js';
+import { type FingerprintInput, fingerprintOf, fingerprintV1, type RecordIdSecret, recordIdFor } from '../engine/fingerprint.js';
 import { parseIdempotencyKey } from '../engine/key.js';
 import { isThenable } from '../engine/thenable.js';
 import {
@@ -43,6 +43,13 @@ export interface HttpIdempotencyOptions<R> extends Partial<EngineOptions> {
   /** Separates this middleware's records from others' in a shared store. */
   namespace?: string;
   /**
+   * Keyed record ids: with a secret (16+ bytes, the same in every process
+   * sharing the store), record ids are an HMAC-SHA-256 of namespace, scope
+   * and key, so a guessed (scope, key) pair cannot be confirmed from the
+   * store's contents. Default: a plain SHA-256.
+   */
+  secret?: RecordIdSecret;
+  /**
    * Fingerprint of a request: `'v1'` (default: method, path, sorted query,
    * canonical JSON or raw body, chosen headers), a function choosing what
    * identifies the request, or `false` for none.
@@ -66,7 +73,7 @@ export interface HttpIdempotencyOptions<R> extends Partial<EngineOptions> {
   maxStoredBytes?: number;
   /** Largest request body read when oncely reads the body itself, bytes. Default 1 MiB. */
   maxBodyBytes?: number;
-  /** Outcome policy by status; the default stores 2xx–4xx except 401, 403, 408, 409, 425, 429. */
+  /** Outcome policy by status; the default stores 2xx–4xx except 401, 403, 404, 405, 408, 409, 425, 429. */
   outcome?: (status: number) => OutcomeDecision;
   /** Where warnings go (a missing scope; a settlement that failed unexpectedly). Default `console`. */
   logger?: { warn(message: string): void };
@@ -179,6 +186,7 @@ export class HttpIdempotency<R> {
   readonly #replayHeaders: ReadonlySet<string>;
   readonly #policy: (status: number) => OutcomeDecision;
   readonly #fingerprintHeaders: readonly string[];
+  readonly #recordId: (key: string, scope?: string, namespace?: string) => string;
   // Response headers a stored outcome can keep: the replayed ones, and
   // `location` for a not-replayable marker.
   readonly #capturedHeaders: readonly string[];
@@ -186,6 +194,7 @@ export class HttpIdempotency<R> {
   constructor(options: HttpIdempotencyOptions<R>) {
     this.#options = options;
     this.engine = engineFrom(options, 'oncely');
+    this.#recordId = recordIdFor(options.secret);
     this.#methods = new Set((options.methods ?? ['POST', 'PATCH']).map((m) => m.toUpperCase()));
     this.#replayHeaders = new Set(
       [...DEFAULT_REPLAY_HEADERS, ...(options.replayHeaders ?? []).map((h) => h.toLowerCase())].filter(
@@ -242,7 +251,7 @@ export class HttpIdempotency<R> {
         if (s === undefined || s === '') throw new ScopeMissingError();
         scope = s;
       }
-      const id = recordId(key, scope, options.namespace);
+      const id = this.#recordId(key, scope, options.namespace);
       const begun = await this.engine.begin({ id, fingerprint, scope, ttlMs, leaseMs: overrides.leaseMs, wait: overrides.wait });
       switch (begun.kind) {
         case 'replay':
