@@ -18,7 +18,8 @@
  *    token is the one the store last granted and the record is in progress;
  *    a claim is granted exactly when no live lease holds the record;
  * 4. `claim.signal` has fired for every claim not being settled whose local
- *    deadline has passed;
+ *    deadline has passed; a settlement ends within one store timeout of its
+ *    deadline (or of its start, when it began later): retries stop there;
  * 5. at the end (links healed, handlers finished, clock past lease and ttl)
  *    every claim is settled or dead, no record is held by a lease, and the
  *    key can be begun again.
@@ -38,7 +39,10 @@ import type { ClaimInput, ClaimResult, IdempotencyStore, StoredRecord } from './
 const LEASE = 300;
 // Short enough that completed records expire within a sequence, so keys are reused.
 const TTL = 1_500;
-const STORE_TIMEOUT = 60;
+// Half the lease, far above the default ratio (2 s of 30 s), so that answers
+// come late and calls time out yet land. Kept below 2/3 of the lease: see the
+// known bug at the end of this file.
+const STORE_TIMEOUT = 150;
 const KEYS = 3;
 const FINGERPRINT = 'f';
 const START = Date.UTC(2030, 0, 1);
@@ -93,8 +97,8 @@ const command: fc.Arbitrary<Command> = fc.oneof(
       t: fc.constant('slow' as const),
       w,
       // Up to past the store timeout: a call may time out and still land later.
-      reqMs: fc.integer({ min: 0, max: STORE_TIMEOUT * 1.5 }),
-      respMs: fc.integer({ min: 0, max: STORE_TIMEOUT * 1.5 }),
+      reqMs: fc.integer({ min: 0, max: Math.round(STORE_TIMEOUT * 1.5) }),
+      respMs: fc.integer({ min: 0, max: Math.round(STORE_TIMEOUT * 1.5) }),
     }),
   },
   { weight: 8, arbitrary: fc.record({ t: fc.constant('tick' as const), ms: fc.integer({ min: 1, max: LEASE / 6 }) }) },
@@ -131,6 +135,7 @@ interface Tracked {
   crashed: boolean;
   abandoned: boolean;
   settling?: Promise<Settled>;
+  settleFrom?: number;
   settled?: Settled;
 }
 
@@ -160,7 +165,7 @@ class Sim {
 
   constructor(
     readonly store: IdempotencyStore,
-    storeTimeoutMs = STORE_TIMEOUT,
+    readonly storeTimeoutMs = STORE_TIMEOUT,
   ) {
     this.workers = WORKERS.map((spec, index) => {
       const link: Link = { mode: 'up', reqMs: 0, respMs: 0, parked: [] };
@@ -372,6 +377,7 @@ class Sim {
       this.sent.set(id, sent.add(outcome));
       settlement = { kind: 'complete', outcome };
     } else settlement = { kind: 'release', reason: 'retry' };
+    c.settleFrom = Date.now();
     c.settling = c.claim.settle(settlement);
     void c.settling.then((settled) => {
       c.settled = settled;
@@ -402,6 +408,9 @@ class Sim {
     for (const c of this.claims) {
       if (c.settling === undefined && c.claim.leaseUntil <= now && !c.claim.signal.aborted) {
         this.fail(`claim #${c.n} (worker ${c.w}) is past its deadline +${c.claim.leaseUntil - START} but its signal has not fired`);
+      }
+      if (c.settling !== undefined && c.settled === undefined && now > Math.max(c.claim.leaseUntil, c.settleFrom!) + this.storeTimeoutMs) {
+        this.fail(`claim #${c.n} (worker ${c.w}) still settling past its deadline +${c.claim.leaseUntil - START} and a store timeout`);
       }
     }
   }
