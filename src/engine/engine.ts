@@ -623,10 +623,13 @@ export class Claim {
     const engine = this.#engine;
     const { store } = engine;
     let pause = 50;
+    let retried = false;
     for (;;) {
       try {
         const ok = await engine.storeCall(this.id, 'complete', () => store.complete(this.id, this.token, outcome, ttlMs));
-        if (ok) {
+        // A retry after an attempt that timed out but landed finds the record completed and answers
+        // false: if what is stored is this outcome, it was this claim's own completion.
+        if (ok || (retried && (await this.#storedAlready(outcome)))) {
           engine.emit('stored', { id: this.id, bytes: outcome.length });
           return 'stored';
         }
@@ -641,9 +644,19 @@ export class Claim {
           engine.emit('unsettled', { id: this.id, error });
           return 'unsettled';
         }
+        retried = true;
         await sleep(pause);
         pause = Math.min(pause * 2, 1_000);
       }
+    }
+  }
+
+  async #storedAlready(outcome: string): Promise<boolean> {
+    try {
+      const record = await this.#engine.storeCall(this.id, 'get', () => this.#engine.store.get(this.id));
+      return record?.state === 'completed' && record.outcome === outcome;
+    } catch {
+      return false;
     }
   }
 

@@ -150,15 +150,7 @@ const COLUMNS: readonly Column[] = [
     store: { op: 'complete', kind: 'late' },
     first: 'processed',
     effects: 1,
-    // BUG (src/engine/engine.ts, Claim#complete): a completion retried after a timeout is not
-    // idempotent. Every store's complete() answers false once the record is completed (the
-    // token no longer owns an in-progress record), so when the timed-out first attempt did
-    // land, the retry answers false and the engine settles 'fenced' ("another owner holds the
-    // record; nothing was written") although this claim's outcome is stored and nobody took
-    // over. The consumer then emits `fenced` and withholds the ack (verdict 'fenced'); only
-    // the broker's redelivery, a duplicate, acknowledges it. In Kafka eachBatch it also breaks
-    // the batch (the later records are skipped and fetched again).
-    bug: 'a retried completion whose first attempt landed settles "fenced"',
+    // The engine recognises its own outcome in the record (was a bug: it settled 'fenced').
   },
   // Down until the lease deadline: not recorded, never acknowledged; the redelivery after the lease runs again.
   {
