@@ -7,11 +7,29 @@
  * @module
  */
 export { Claim, Engine } from './engine/engine.js';
-export type { Begin, BeginInput, EngineOptions, WaitOptions } from './engine/engine.js';
-export { OncelyEmitter } from './engine/events.js';
+export type {
+  BeginInput,
+  Begun,
+  EngineOptions,
+  Operation,
+  Performed,
+  Refused,
+  Settled,
+  Settlement,
+  WaitOptions,
+} from './engine/engine.js';
 export type { Disposable, OncelyEventName, OncelyEvents, OncelyHooks, OncelyListener } from './engine/events.js';
-export { canonicalJson, FINGERPRINT_VERSION, fingerprintOf, fingerprintV1, recordId, sortedQuery } from './engine/fingerprint.js';
-export type { FingerprintInput } from './engine/fingerprint.js';
+export {
+  canonicalJson,
+  FINGERPRINT_VERSION,
+  fingerprintOf,
+  fingerprintV1,
+  keyedRecordId,
+  MAX_JSON_DEPTH,
+  recordId,
+  sortedQuery,
+} from './engine/fingerprint.js';
+export type { FingerprintInput, RecordIdSecret } from './engine/fingerprint.js';
 export { currentRun, idempotent } from './engine/idempotent.js';
 export type { IdempotentOptions, RunContext } from './engine/idempotent.js';
 export { MAX_KEY_LENGTH, parseIdempotencyKey } from './engine/key.js';
@@ -30,18 +48,8 @@ export type {
 } from './engine/store.js';
 export { newToken } from './engine/token.js';
 export * from './errors/index.js';
-export { HttpIdempotency, KEY_HEADER, REPLAYED_HEADER } from './http/core.js';
-export type {
-  HttpBegin,
-  HttpFinish,
-  HttpIdempotencyOptions,
-  HttpRequestView,
-  HttpRun,
-  IdempotencyContext,
-  RouteOverrides,
-} from './http/core.js';
-export { decodeOutcome, encodeOutcome } from './http/outcome.js';
-export type { HttpOutcome, HttpResponse } from './http/outcome.js';
+export { KEY_HEADER, REPLAYED_HEADER } from './http/core.js';
+export type { HttpIdempotencyOptions, IdempotencyContext, RouteOverrides } from './http/core.js';
 export { DEFAULT_REPLAY_HEADERS, defaultOutcomePolicy, NEVER_REPLAYED, RELEASED_4XX } from './http/policy.js';
 export type { OutcomeDecision } from './http/policy.js';
-export { PROBLEM_CONTENT_TYPE, problemResponse } from './http/problem.js';
+export { PROBLEM_CONTENT_TYPE } from './http/problem.js';

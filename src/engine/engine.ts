@@ -124,9 +124,6 @@ export type Begun =
   | { kind: 'bypass'; error: StoreUnavailableError }
   | Refused;
 
-/** @deprecated Renamed {@link Begun}. */
-export type Begin = Begun;
-
 /**
  * How a claim ends: the outcome stored (replayed to every later copy), or
  * the claim released (a retry runs again).
