@@ -10,7 +10,7 @@
  * @module
  */
 import { randomBytes } from 'node:crypto';
-import { mkdirSync } from 'node:fs';
+import { chmodSync, closeSync, existsSync, mkdirSync, openSync } from 'node:fs';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 
@@ -75,13 +75,48 @@ CREATE INDEX IF NOT EXISTS orders_account ON orders (account, seq);
  * `dataDir`, switch it to WAL and create the tables.
  */
 export function openBusinessDb(dataDir: string): BusinessDb {
-  mkdirSync(dataDir, { recursive: true });
-  const db = new Database(join(dataDir, 'reference.db'));
+  mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+  const path = join(dataDir, 'reference.db');
+  prepareDbFile(path);
+  const db = new Database(path);
   db.pragma('journal_mode = WAL');
   db.pragma('synchronous = NORMAL');
   db.pragma('busy_timeout = 5000');
   db.exec(SCHEMA);
+  restrictDbFiles(path);
   return db;
+}
+
+/** Mode of every database file the reference system creates: read and write by its owner only. */
+export const DB_FILE_MODE = 0o600;
+
+/** A database file and the files SQLite keeps beside it. */
+function dbFiles(path: string): string[] {
+  return [path, `${path}-wal`, `${path}-shm`, `${path}-journal`];
+}
+
+/**
+ * Before SQLite opens `path`: create it empty with mode 0600 when missing
+ * (an empty file is an empty database), and bring existing files down to
+ * 0600. SQLite creates the -wal and -shm files with the mode of the
+ * database file, so they follow; {@link restrictDbFiles} checks after.
+ */
+export function prepareDbFile(path: string): void {
+  if (!existsSync(path)) closeSync(openSync(path, 'a', DB_FILE_MODE));
+  restrictDbFiles(path);
+}
+
+/** Set the database file and its -wal, -shm and -journal (those that exist) to mode 0600. */
+export function restrictDbFiles(path: string): void {
+  for (const file of dbFiles(path)) {
+    try {
+      chmodSync(file, DB_FILE_MODE);
+    } catch (error) {
+      // Gone meanwhile, or another user's file (not ours to change): leave it.
+      const code = (error as NodeJS.ErrnoException).code;
+      if (code !== 'ENOENT' && code !== 'EPERM') throw error;
+    }
+  }
 }
 
 /** True when `error` is SQLite refusing a duplicate in a UNIQUE index. */

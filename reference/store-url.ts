@@ -3,7 +3,7 @@
  *
  * - `memory:`: in-process (records are lost on restart);
  * - `sqlite:<path>` (default `sqlite:./data/oncely.db`): embedded, the file's
- *   directory is created when missing;
+ *   directory is created when missing; the file, its -wal and -shm get mode 0600;
  * - `redis://…` / `rediss://…`: ioredis;
  * - `postgres://…` / `postgresql://…`: a `pg` Pool, table created when missing;
  * - `mysql://…`: a mysql2 pool.
@@ -18,6 +18,7 @@
 import { mkdirSync } from 'node:fs';
 import { dirname } from 'node:path';
 import type { IdempotencyStore } from 'oncely';
+import { prepareDbFile, restrictDbFiles } from './db.js';
 
 /** The default store: embedded SQLite under ./data. */
 export const DEFAULT_STORE_URL = 'sqlite:./data/oncely.db';
@@ -61,13 +62,19 @@ export async function openStore(url: string = DEFAULT_STORE_URL): Promise<Opened
     let path = url.slice('sqlite:'.length);
     if (path.startsWith('//')) path = path.slice(2); // sqlite://./x.db
     if (path === '') throw new Error('STORE_URL sqlite: needs a file path, e.g. sqlite:./data/oncely.db');
-    if (path !== ':memory:') mkdirSync(dirname(path), { recursive: true });
+    const onDisk = path !== ':memory:';
+    if (onDisk) {
+      mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
+      prepareDbFile(path);
+    }
     const [{ default: Database }, { sqliteStore }] = await Promise.all([
       import('better-sqlite3'),
       import('oncely/stores/sqlite'),
     ]);
     const database = new Database(path);
     const store = sqliteStore({ database });
+    // After the switch to WAL: -wal and -shm exist now.
+    if (onDisk) restrictDbFiles(path);
     return {
       store,
       kind: 'sqlite',
