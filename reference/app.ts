@@ -12,10 +12,12 @@
  * ```
  * @module
  */
-import type { AddressInfo } from 'node:net';
+import type { AddressInfo, Socket } from 'node:net';
 import Fastify, { type FastifyInstance } from 'fastify';
 import type { IdempotencyStore } from 'oncely';
 import { oncely } from 'oncely/fastify';
+// Relative until package.json exports `oncely/stores/encryption` (its exports list is explicit).
+import { type EncryptionKey, encryptionKeysFromEnv, withEncryption } from '../src/stores/encryption.js';
 import { type BusinessDb, openBusinessDb } from './db.js';
 import { orderRoutes } from './orders.js';
 import { createLedger, type Ledger } from './ledger/index.js';
@@ -70,7 +72,29 @@ export interface ReferenceOptions {
   ledger?: boolean;
   /** Where payment events travel: `amqp://`, `nats://`, `redis://`; none: in-process [`BROKER_URL`]. */
   brokerUrl?: string;
+  /**
+   * Seal stored outcomes with these keys (the first seals, all open), on
+   * whatever store is used [`ONCELY_ENCRYPTION_KEY`: base64 keys of 32
+   * bytes, comma-separated]. None: outcomes are stored in plain text.
+   */
+  encryptionKeys?: readonly EncryptionKey[];
+  /** The request's headers must arrive within this, ms [`HEADERS_TIMEOUT_MS`, default 10000]. */
+  headersTimeoutMs?: number;
+  /** The whole request, headers and body, must arrive within this, ms [`REQUEST_TIMEOUT_MS`, default 30000]. */
+  requestTimeoutMs?: number;
+  /** A connection silent this long is closed, between requests or within one, ms [`IDLE_TIMEOUT_MS`, default 60000]. */
+  idleTimeoutMs?: number;
+  /** Requests served on one connection before it is closed [`MAX_REQUESTS_PER_SOCKET`, default 1000]. */
+  maxRequestsPerSocket?: number;
 }
+
+/** Defaults of the connection limits (see docs/reference.md). */
+export const CONNECTION_DEFAULTS = {
+  headersTimeoutMs: 10_000,
+  requestTimeoutMs: 30_000,
+  idleTimeoutMs: 60_000,
+  maxRequestsPerSocket: 1_000,
+} as const;
 
 /** What the route modules share. */
 export interface RouteContext {
@@ -106,7 +130,14 @@ function ownUrl(app: FastifyInstance): string {
  */
 export async function buildApp(options: ReferenceOptions = {}): Promise<FastifyInstance> {
   const opened: OpenedStore | undefined = options.store ? undefined : await openStore(options.storeUrl ?? DEFAULT_STORE_URL);
-  const store = options.store ?? opened!.store;
+  let store: IdempotencyStore;
+  try {
+    const base = options.store ?? opened!.store;
+    store = options.encryptionKeys ? withEncryption(base, { keys: options.encryptionKeys }) : base;
+  } catch (error) {
+    await opened?.close();
+    throw error;
+  }
   let db: BusinessDb;
   try {
     db = openBusinessDb(options.dataDir ?? './data');
@@ -158,7 +189,26 @@ export async function buildApp(options: ReferenceOptions = {}): Promise<FastifyI
 
 /** The Fastify instance with the reference's server options. */
 function makeFastify(options: ReferenceOptions): FastifyInstance {
+  const headersTimeout = options.headersTimeoutMs ?? CONNECTION_DEFAULTS.headersTimeoutMs;
+  const requestTimeout = options.requestTimeoutMs ?? CONNECTION_DEFAULTS.requestTimeoutMs;
+  const idleTimeout = options.idleTimeoutMs ?? CONNECTION_DEFAULTS.idleTimeoutMs;
+  if (headersTimeout > requestTimeout) {
+    throw new Error(`the headers timeout (${headersTimeout} ms) cannot be longer than the request timeout (${requestTimeout} ms)`);
+  }
   return Fastify({
+    // A client that never finishes its headers or its body, or goes silent,
+    // loses its connection (and the descriptor it holds) on time.
+    http: {
+      headersTimeout,
+      requestTimeout,
+      // Node checks those two deadlines on this interval (default 30 s, which
+      // would let a 10 s deadline run to 40 s).
+      connectionsCheckingInterval: Math.min(1_000, Math.max(25, Math.floor(headersTimeout / 4))),
+    },
+    requestTimeout,
+    connectionTimeout: idleTimeout,
+    keepAliveTimeout: idleTimeout,
+    maxRequestsPerSocket: options.maxRequestsPerSocket ?? CONNECTION_DEFAULTS.maxRequestsPerSocket,
     logger: options.logger ?? false,
     bodyLimit: options.bodyLimit ?? 1024 * 1024,
     // Amounts must be numbers, not strings that look like numbers: no coercion, nothing dropped silently.
@@ -191,6 +241,18 @@ async function setUp(
     return payload;
   });
 
+  // Node answers the last request a socket may carry with `Connection:
+  // close` but then keeps the socket open until the idle timeout: end it
+  // once that answer is out.
+  const maxRequestsPerSocket = options.maxRequestsPerSocket ?? CONNECTION_DEFAULTS.maxRequestsPerSocket;
+  const served = new WeakMap<Socket, number>();
+  app.addHook('onResponse', async (request) => {
+    const socket = request.raw.socket;
+    const count = (served.get(socket) ?? 0) + 1;
+    served.set(socket, count);
+    if (count >= maxRequestsPerSocket) socket.destroySoon();
+  });
+
   app.decorateRequest('account', '');
   // Auth first (onRequest runs before body parsing and before oncely's preHandler).
   app.addHook('onRequest', async (request, reply) => {
@@ -203,6 +265,8 @@ async function setUp(
     const header = request.headers.authorization;
     const match = typeof header === 'string' ? BEARER.exec(header) : null;
     if (!match) {
+      // Closed after the answer: an unauthenticated client keeps no socket
+      // (and sends no body we would have to read).
       return sendProblem(
         reply,
         problem(
@@ -211,7 +275,7 @@ async function setUp(
             ? 'Send Authorization: Bearer <account>, where <account> is 1-64 characters of [A-Za-z0-9_-].'
             : 'The bearer token is malformed: it must be 1-64 characters of [A-Za-z0-9_-].',
         ),
-        { 'www-authenticate': 'Bearer realm="oncely-reference"' },
+        { 'www-authenticate': 'Bearer realm="oncely-reference"', connection: 'close' },
       );
     }
     request.account = match[1]!;
@@ -293,7 +357,8 @@ export function referenceOptionsFromEnv(env: NodeJS.ProcessEnv = process.env): R
   if (!['on', 'off', 'true', 'false', '1', '0'].includes(idempotency)) {
     throw new Error(`IDEMPOTENCY must be on or off, got ${JSON.stringify(env.IDEMPOTENCY)}`);
   }
-  return {
+  const encryptionKey = env.ONCELY_ENCRYPTION_KEY;
+  const options: ReferenceOptions = {
     storeUrl: env.STORE_URL || DEFAULT_STORE_URL,
     dataDir: env.DATA_DIR || './data',
     host: env.HOST || '127.0.0.1',
@@ -307,5 +372,17 @@ export function referenceOptionsFromEnv(env: NodeJS.ProcessEnv = process.env): R
     bodyLimit: envNumber(env, 'BODY_LIMIT', 1) ?? 1024 * 1024,
     logger: env.LOG === '1' || env.LOG === 'true',
     brokerUrl: env.BROKER_URL || undefined,
+    // Set but empty is a mistake (a missing secret in a deployment), not "off".
+    encryptionKeys: encryptionKey === undefined ? undefined : encryptionKeysFromEnv(encryptionKey, 'ONCELY_ENCRYPTION_KEY'),
+    headersTimeoutMs: envNumber(env, 'HEADERS_TIMEOUT_MS', 1) ?? CONNECTION_DEFAULTS.headersTimeoutMs,
+    requestTimeoutMs: envNumber(env, 'REQUEST_TIMEOUT_MS', 1) ?? CONNECTION_DEFAULTS.requestTimeoutMs,
+    idleTimeoutMs: envNumber(env, 'IDLE_TIMEOUT_MS', 1) ?? CONNECTION_DEFAULTS.idleTimeoutMs,
+    maxRequestsPerSocket: envNumber(env, 'MAX_REQUESTS_PER_SOCKET', 1) ?? CONNECTION_DEFAULTS.maxRequestsPerSocket,
   };
+  if (options.headersTimeoutMs! > options.requestTimeoutMs!) {
+    throw new Error(
+      `HEADERS_TIMEOUT_MS (${options.headersTimeoutMs}) cannot be longer than REQUEST_TIMEOUT_MS (${options.requestTimeoutMs})`,
+    );
+  }
+  return options;
 }

@@ -48,7 +48,8 @@ async function main(): Promise<void> {
   if (stopping) return shutdown();
   console.error(
     `[reference] store ${options.storeUrl}, data ${options.dataDir}, idempotency ${options.idempotency ? 'on' : 'off'}, ` +
-      `events ${options.brokerUrl ? 'via broker' : 'in-process'}`,
+      `events ${options.brokerUrl ? 'via broker' : 'in-process'}, ` +
+      `encryption ${options.encryptionKeys ? `on (sealing key ${options.encryptionKeys[0]!.id}, ${options.encryptionKeys.length} key(s))` : 'off'}`,
   );
   console.log(`listening on ${running.url}`);
 }

@@ -720,6 +720,11 @@ describe('referenceOptionsFromEnv', () => {
       bodyLimit: 1024 * 1024,
       logger: false,
       brokerUrl: undefined,
+      encryptionKeys: undefined,
+      headersTimeoutMs: 10_000,
+      requestTimeoutMs: 30_000,
+      idleTimeoutMs: 60_000,
+      maxRequestsPerSocket: 1_000,
     });
   });
 
