@@ -158,6 +158,19 @@ describe('memory store bounds', () => {
     expect(await store.get('z')).toMatchObject({ outcome: 'live' });
   });
 
+  it('reclaims a few expired records on every claim, so it stays clean without a timer', async () => {
+    let now = 0;
+    const store = memoryStore({ now: () => now });
+    for (let i = 0; i < 200; i++) {
+      const claim = await store.claim(`old${i}`, { ...LIVE, ttlMs: 100, leaseMs: 100 });
+      if (claim.status !== 'acquired') throw new Error('expected acquired');
+      await store.complete(`old${i}`, claim.token, 'x', 100);
+    }
+    now = 1_000;
+    for (let i = 0; i < 13; i++) await fill(store, `new${i}`, undefined, 'y');
+    expect(store.size).toBe(13); // 16 reclaimed per claim: 13 claims cleared 200
+  });
+
   it('purges expired records soonest first and keeps live ones, also after renewals moved their deadlines', async () => {
     let now = 0;
     const store = memoryStore({ now: () => now });

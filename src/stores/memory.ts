@@ -130,6 +130,8 @@ interface Due {
 }
 
 const CAPABILITIES: StoreCapabilities = { nativeTtl: false, serverClock: false, shared: false, synchronous: true };
+/** Expired records reclaimed by each claim in passing (all of them when a bound is reached). */
+const RECLAIM_PER_CLAIM = 16;
 
 function positive(name: string, value: number): number {
   if (!(value > 0)) throw new ConfigError(`memoryStore: ${name} must be a positive number.`);
@@ -256,6 +258,13 @@ export function memoryStore(options: MemoryStoreOptions = {}): MemoryStore {
       usage,
     };
     entry.bytes = sizeOf(id, entry);
+    const full = (): boolean =>
+      entries.size + 1 > maxEntries ||
+      bytes + entry.bytes > maxBytes ||
+      usage.entries + 1 > maxEntriesPerScope ||
+      usage.bytes + entry.bytes > maxBytesPerScope;
+    // Every expired record goes before a refusal, whoever it belongs to.
+    if (full()) reclaim(at);
     if (entries.size + 1 > maxEntries || bytes + entry.bytes > maxBytes) {
       throw new StoreFullError('The idempotency store is full of records within their retention; nothing was done.');
     }
@@ -272,8 +281,9 @@ export function memoryStore(options: MemoryStoreOptions = {}): MemoryStore {
 
   const claimSync = (id: string, input: ClaimInput): ClaimResult => {
     const at = now();
-    // Expired records go first, whoever they belong to: amortised, each is reclaimed once.
-    reclaim(at);
+    // A few expired records go on every claim (more than a claim adds, so
+    // the store keeps itself clean without a timer, in bounded time per call).
+    reclaim(at, RECLAIM_PER_CLAIM);
     const entry = live(id, at);
     if (entry === undefined) return create(id, input, at);
     if (entry.state === 'completed') {
