@@ -31,7 +31,7 @@ import type {
   StoredRecord,
 } from '../engine/store.js';
 import { newToken } from '../engine/token.js';
-import { ConfigError } from '../errors/index.js';
+import { ConfigError, StoreUnavailableError } from '../errors/index.js';
 import { type ReplayCache, type ReplayCacheOptions, withReplayCache } from './replay-cache.js';
 
 /**
@@ -128,6 +128,45 @@ export interface RedisStoreOptions {
    * Default `{}`: 10,000 records, 16 MiB, 60 s.
    */
   replayCache?: ReplayCacheOptions | false;
+  /**
+   * Count a claim, a completion or a renewal only once `replicas` replicas
+   * have it (Redis `WAIT`), so that a failover cannot lose it. Off by
+   * default: Redis replication is asynchronous, and a primary that dies
+   * right after confirming a write loses it. See {@link RedisReplicationOptions}
+   * and the Failover section of `docs/stores/redis.md`.
+   */
+  replication?: RedisReplicationOptions;
+}
+
+/**
+ * The replication guarantee of {@link redisStore}: after the writes of one
+ * turn of the event loop, the store sends one `WAIT replicas timeoutMs` per
+ * Redis node, on the same connection and right behind them (one `WAIT`
+ * covers every write made before it on its connection). When fewer replicas
+ * acknowledge in time:
+ *
+ * - a claim that acquired the record is released (fenced by its own token)
+ *   and rejects with `StoreUnavailableError`: nothing runs (HTTP 503);
+ * - a completion or a renewal that changed the record rejects with
+ *   `StoreUnavailableError`: the engine retries a completion with the same
+ *   token until the lease deadline (a completion that did land answers true
+ *   again), and counts a lease only as far as the last acknowledged renewal;
+ * - everything else (a replay, an in-progress answer, a release) is answered as usual.
+ *
+ * `WAIT` blocks its connection (ioredis and node-redis send everything for
+ * one node over one connection), so keep `timeoutMs` small, and well below
+ * the engine's `storeTimeoutMs`.
+ *
+ * @example
+ * ```ts
+ * const store = redisStore({ client: cluster, replication: { replicas: 1, timeoutMs: 200 } });
+ * ```
+ */
+export interface RedisReplicationOptions {
+  /** Replicas that must have a write before it counts: a positive integer. */
+  replicas: number;
+  /** How long a `WAIT` may block, in ms: positive (Redis reads 0 as forever). */
+  timeoutMs: number;
 }
 
 /**
@@ -159,7 +198,7 @@ const MAX_BATCH = 256;
 // Record layout: one hash per record, key `<prefix>:{<id>}` (the braces make
 // the id the hash tag, so a record never spans slots).
 //   s  state: 'p' in progress, 'c' completed
-//   t  fencing token (in progress only)
+//   t  fencing token; on a completed record, the token that completed it
 //   f  fingerprint: '-' for null, '=' + value otherwise (null never equals a string)
 //   l  lease deadline, epoch ms on the server clock (in progress only)
 //   k  '1' when the current owner took over an expired lease (in progress only)
@@ -218,13 +257,17 @@ local function renew(key, token, lease, now)
 end
 
 -- No lease check: the owner may still complete after its deadline until
--- someone takes over.
+-- someone takes over. The completed record keeps the token that completed
+-- it, so the same complete sent again (a lost reply, a client resending it
+-- after a failover, the engine retrying one whose replicas did not answer)
+-- answers 1 without writing; another outcome under that token answers 0.
 local function complete(key, token, outcome, ttl, now)
-  local r = redis.call('HMGET', key, 's', 't')
+  local r = redis.call('HMGET', key, 's', 't', 'o')
+  if r[1] == 'c' and r[2] == token and r[3] == outcome then return 1 end
   if r[1] ~= 'p' or r[2] ~= token then return 0 end
   local e = now + ttl
   redis.call('HSET', key, 's', 'c', 'o', outcome, 'e', int(e))
-  redis.call('HDEL', key, 't', 'l', 'k')
+  redis.call('HDEL', key, 'l', 'k')
   redis.call('PEXPIREAT', key, int(e))
   return 1
 end
@@ -366,6 +409,196 @@ function detectCluster(client: RedisClientLike): boolean {
   return c.isCluster === true || typeof c.getSlotMaster === 'function' || typeof c.getMasters === 'function';
 }
 
+// --- Replication (WAIT) -----------------------------------------------------
+//
+// WAIT counts the replicas that have every write made so far *on its own
+// connection*, so it must follow the scripts on the very connection they went
+// over, and the answers must be known to come from that connection. Each
+// client gives that differently:
+//   ioredis Redis and Cluster: a pipeline (a Cluster sends a whole pipeline to
+//     one node, and when it re-sends one after a lost connection or a
+//     redirection, it re-sends all of it, WAIT included);
+//   node-redis: the node's own client (no redirections: a MOVED comes back as
+//     an error), commands written in the order they were asked.
+
+/** One script call of a replicated round: the operations of one BATCH. */
+interface Call {
+  keys: string[];
+  args: string[];
+}
+
+type Answer = { ok: true; value: unknown } | { ok: false; error: unknown };
+
+/** What one node answered: each call's reply, and how many replicas acknowledged (WAIT). */
+interface Round {
+  answers: Answer[];
+  acked: number;
+}
+
+interface Replicator {
+  /** The node (connection) serving `slot`, as a key to group operations by. */
+  nodeOf(slot: number): unknown;
+  /** Send `calls` to `node`, then (when `wait`) one WAIT, on one connection. */
+  exchange(node: unknown, calls: Call[], useEval: boolean, wait: boolean): Promise<Round>;
+  /** Ask the client to re-read the slot map (after a MOVED), when it can. */
+  refresh(): void;
+}
+
+/** The pipeline of an ioredis client, as far as replication uses it. */
+interface IoredisPipelineLike {
+  evalsha(sha: string, numKeys: number, ...keysAndArgs: string[]): unknown;
+  eval(script: string, numKeys: number, ...keysAndArgs: string[]): unknown;
+  call(command: string, ...args: string[]): unknown;
+  exec(): Promise<Array<[Error | null, unknown]> | null>;
+}
+
+interface IoredisReplicationLike {
+  pipeline(): IoredisPipelineLike;
+  /** Cluster: per slot, the node keys serving it, master first. */
+  slots?: unknown;
+  refreshSlotsCache?(): unknown;
+}
+
+interface NodeRedisCommandsLike {
+  sendCommand(args: string[]): Promise<unknown>;
+}
+
+interface NodeRedisClusterReplicationLike {
+  getSlotMaster(slot: number): unknown;
+  nodeClient(node: unknown): unknown;
+}
+
+const CRC16 = (() => {
+  const table = new Uint16Array(256);
+  for (let i = 0; i < 256; i++) {
+    let c = i << 8;
+    for (let j = 0; j < 8; j++) c = c & 0x8000 ? ((c << 1) ^ 0x1021) & 0xffff : (c << 1) & 0xffff;
+    table[i] = c;
+  }
+  return table;
+})();
+const encoder = new TextEncoder();
+
+/** The Redis Cluster slot of `key`: CRC16 of its hash tag (or of the key), mod 16384. */
+function keySlot(key: string): number {
+  let tag = key;
+  const open = key.indexOf('{');
+  if (open >= 0) {
+    const close = key.indexOf('}', open + 1);
+    if (close > open + 1) tag = key.slice(open + 1, close);
+  }
+  let crc = 0;
+  for (const byte of encoder.encode(tag)) crc = ((crc << 8) & 0xffff) ^ CRC16[((crc >> 8) ^ byte) & 0xff]!;
+  return crc & 16383;
+}
+
+const settle = (promise: Promise<unknown>): Promise<Answer> =>
+  promise.then(
+    (value): Answer => ({ ok: true, value }),
+    (error: unknown): Answer => ({ ok: false, error }),
+  );
+
+// Raw commands on one node-redis connection, written in the order asked.
+async function sendRaw(client: NodeRedisCommandsLike, s: Script, calls: Call[], useEval: boolean, wait: string[] | undefined): Promise<Round> {
+  const replies = calls.map((c) =>
+    settle(client.sendCommand([useEval ? 'EVAL' : 'EVALSHA', useEval ? s.source : s.sha, String(c.keys.length), ...c.keys, ...c.args])),
+  );
+  const waited = wait ? settle(client.sendCommand(wait)) : undefined;
+  const answers = await Promise.all(replies);
+  const w = waited ? await waited : undefined;
+  return { answers, acked: w === undefined ? Number.POSITIVE_INFINITY : w.ok ? int(w.value) : 0 };
+}
+
+function makeReplicator(client: RedisClientLike, cluster: boolean, replication: RedisReplicationOptions): Replicator {
+  const s = SCRIPTS.batch;
+  const wait = ['WAIT', String(replication.replicas), String(Math.ceil(replication.timeoutMs))];
+  const io = client as Partial<IoredisReplicationLike> & Partial<IoredisLike>;
+  if (typeof io.evalsha === 'function') {
+    if (typeof io.pipeline !== 'function') {
+      throw new ConfigError('redisStore: `replication` needs an ioredis client with pipeline().');
+    }
+    const c = client as unknown as IoredisReplicationLike;
+    return {
+      nodeOf(slot) {
+        if (!cluster) return '';
+        // The same grouping ioredis makes: a pipeline may only hold keys of slots served by the same nodes.
+        const nodes = Array.isArray(c.slots) ? (c.slots[slot] as unknown) : undefined;
+        return Array.isArray(nodes) && nodes.length > 0 ? nodes.join(';') : `slot ${slot}`;
+      },
+      async exchange(_node, calls, useEval, withWait) {
+        const pipeline = c.pipeline();
+        for (const call of calls) {
+          if (useEval) pipeline.eval(s.source, call.keys.length, ...call.keys, ...call.args);
+          else pipeline.evalsha(s.sha, call.keys.length, ...call.keys, ...call.args);
+        }
+        if (withWait) pipeline.call(wait[0]!, ...wait.slice(1));
+        const replies = (await pipeline.exec()) ?? [];
+        const answers = calls.map((_, i): Answer => {
+          const [error, value] = replies[i] ?? [new Error('redis store: no reply in pipeline'), undefined];
+          return error ? { ok: false, error } : { ok: true, value };
+        });
+        const w = replies[calls.length];
+        return { answers, acked: !withWait ? Number.POSITIVE_INFINITY : w && !w[0] ? int(w[1]) : 0 };
+      },
+      refresh() {
+        try {
+          (c.refreshSlotsCache as ((callback?: () => void) => unknown) | undefined)?.call(c, () => {});
+        } catch {
+          // Best effort: ioredis also refreshes on its own schedule.
+        }
+      },
+    };
+  }
+  if (!cluster) {
+    const c = client as Partial<NodeRedisCommandsLike>;
+    if (typeof c.sendCommand !== 'function') {
+      throw new ConfigError('redisStore: `replication` needs a node-redis client with sendCommand().');
+    }
+    const commands = client as unknown as NodeRedisCommandsLike;
+    return {
+      nodeOf: () => '',
+      exchange: (_node, calls, useEval, withWait) => sendRaw(commands, s, calls, useEval, withWait ? wait : undefined),
+      refresh() {},
+    };
+  }
+  const c = client as unknown as Partial<NodeRedisClusterReplicationLike>;
+  if (typeof c.getSlotMaster !== 'function' || typeof c.nodeClient !== 'function') {
+    throw new ConfigError('redisStore: `replication` needs a node-redis cluster with getSlotMaster() and nodeClient().');
+  }
+  const nodes = client as unknown as NodeRedisClusterReplicationLike;
+  return {
+    nodeOf(slot) {
+      try {
+        return nodes.getSlotMaster(slot) ?? `slot ${slot}`;
+      } catch {
+        return `slot ${slot}`;
+      }
+    },
+    async exchange(node, calls, useEval, withWait) {
+      if (typeof node !== 'object' || node === null) throw new Error(`redis store: no master known for ${String(node)}`);
+      // The node's own connection, which the cluster also routes this slot's commands over.
+      const commands = (await nodes.nodeClient(node)) as NodeRedisCommandsLike;
+      return sendRaw(commands, s, calls, useEval, withWait ? wait : undefined);
+    },
+    refresh() {},
+  };
+}
+
+function checkReplication(replication: RedisReplicationOptions | undefined): RedisReplicationOptions | undefined {
+  if (replication === undefined) return undefined;
+  if (replication === null || typeof replication !== 'object') {
+    throw new ConfigError('redisStore: `replication` must be { replicas, timeoutMs }.');
+  }
+  const { replicas, timeoutMs } = replication;
+  if (!Number.isInteger(replicas) || replicas < 1) {
+    throw new ConfigError(`redisStore: replication.replicas must be a positive integer, got ${String(replicas)}`);
+  }
+  if (typeof timeoutMs !== 'number' || !Number.isFinite(timeoutMs) || timeoutMs <= 0) {
+    throw new ConfigError(`redisStore: replication.timeoutMs must be a positive number of ms, got ${String(timeoutMs)}`);
+  }
+  return { replicas, timeoutMs };
+}
+
 const decoder = new TextDecoder();
 
 // Replies are strings by default; a node-redis client with a Buffer type
@@ -455,6 +688,8 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
   const run = makeRunner(client);
   let cluster = options.cluster ?? detectCluster(client);
   const coalesce = options.coalesce ?? true;
+  const replication = checkReplication(options.replication);
+  const replicator = replication ? makeReplicator(client, cluster, replication) : undefined;
   const keyOf = (id: string): string => `${prefix}:{${id}}`;
 
   // Operations waiting for the end of this turn of the event loop. They go
@@ -503,10 +738,124 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
     while (queue.length > 0) send(queue.splice(0, MAX_BATCH));
   };
 
+  // With replication: the writes of this turn, sent at its end as one round
+  // per node: its scripts, then one WAIT behind them on the same connection.
+  const pending: Operation[] = [];
+  let pendingScheduled = false;
+
+  const notAcknowledged = (what: string, acked: number): StoreUnavailableError =>
+    new StoreUnavailableError(
+      `Redis: ${acked} of ${replication!.replicas} replicas acknowledged the ${what} within ${replication!.timeoutMs} ms (WAIT).`,
+    );
+
+  // Answer one operation of a replicated round: as usual once its replicas
+  // acknowledged; otherwise whatever it wrote does not count (a failover
+  // could lose it): an acquired claim is released and refused, a completion
+  // or renewal that changed the record is refused (the engine retries a
+  // completion with the same token). Answers that wrote nothing stand.
+  const answer = (op: Operation, reply: unknown, acked: number): void => {
+    if (isFailure(reply)) {
+      op.reject(new Error(text(reply[1])));
+      return;
+    }
+    if (acked >= replication!.replicas) {
+      op.resolve(reply);
+      return;
+    }
+    const letter = op.args[0];
+    if (letter === 'c' && Array.isArray(reply) && text(reply[0]) === 'a') {
+      // Fenced by the claim's own token: it deletes nothing else. Without a
+      // reply the record stays in progress until its lease ends.
+      run(SCRIPTS.batch, [op.key], ['x', op.args[1]!, '', '', '']).catch(() => {});
+      op.reject(notAcknowledged('claim; it was released and nothing was done', acked));
+    } else if ((letter === 'm' || letter === 'n') && int(reply) === 1) {
+      op.reject(notAcknowledged(letter === 'm' ? 'completion' : 'renewal', acked));
+    } else {
+      op.resolve(reply);
+    }
+  };
+
+  const commit = async (node: unknown, ops: Operation[]): Promise<void> => {
+    const r = replicator!;
+    // On a cluster one script per operation (a script cannot span slots);
+    // otherwise as few scripts as MAX_BATCH allows.
+    const groups: Operation[][] = [];
+    if (cluster || !coalesce) for (const op of ops) groups.push([op]);
+    else for (let i = 0; i < ops.length; i += MAX_BATCH) groups.push(ops.slice(i, i + MAX_BATCH));
+    const callOf = (g: Operation[]): Call => ({ keys: g.map((op) => op.key), args: g.flatMap((op) => op.args) });
+    // Releases alone need no WAIT: one that a failover loses leaves a lease to run out.
+    const needsWait = (g: Operation[][]): boolean => g.some((group) => group.some((op) => op.args[0] !== 'x'));
+    const outcomes: Array<{ answer: Answer; acked: number }> = [];
+    try {
+      const round = await r.exchange(node, groups.map(callOf), false, needsWait(groups));
+      for (const a of round.answers) outcomes.push({ answer: a, acked: round.acked });
+      // A server without the script ran nothing of that call: EVAL it, with its own WAIT.
+      const missing = groups.map((_, i) => i).filter((i) => !round.answers[i]!.ok && isNoScript((round.answers[i] as { error: unknown }).error));
+      if (missing.length > 0) {
+        const again = missing.map((i) => groups[i]!);
+        const retry = await r.exchange(node, again.map(callOf), true, needsWait(again));
+        missing.forEach((i, j) => {
+          outcomes[i] = { answer: retry.answers[j]!, acked: retry.acked };
+        });
+      }
+    } catch (error) {
+      for (const op of ops) op.reject(error);
+      return;
+    }
+    groups.forEach((group, i) => {
+      const { answer: a, acked } = outcomes[i]!;
+      if (!a.ok) {
+        const message = errorMessage(a.error);
+        // A cluster client that was not detected refused the multi-key script
+        // before running it: from now on every operation goes alone.
+        if (group.length > 1 && message.startsWith('CROSSSLOT')) {
+          cluster = true;
+          submit(group);
+          return;
+        }
+        // Redirected: the script did not run there. The caller retries (a
+        // claim gets a 503, the engine retries a completion) once the slot map is fresh.
+        if (/^(MOVED|ASK) /.test(message)) r.refresh();
+        for (const op of group) op.reject(a.error);
+        return;
+      }
+      let replies: unknown[];
+      try {
+        replies = list(a.value);
+        if (replies.length !== group.length) throw new Error(`redis store: ${replies.length} replies for ${group.length} operations`);
+      } catch (error) {
+        for (const op of group) op.reject(error);
+        return;
+      }
+      for (let j = 0; j < group.length; j++) answer(group[j]!, replies[j], acked);
+    });
+  };
+
+  // One round per node (per connection): grouped by the slot each key lives in.
+  const flushPending = (): void => {
+    pendingScheduled = false;
+    const byNode = new Map<unknown, Operation[]>();
+    for (const op of pending.splice(0)) {
+      const node = cluster ? replicator!.nodeOf(keySlot(op.key)) : '';
+      const ops = byNode.get(node);
+      if (ops) ops.push(op);
+      else byNode.set(node, [op]);
+    }
+    for (const [node, ops] of byNode) void commit(node, ops);
+  };
+
   // Send `ops` (each waits on its own promise): on a cluster one by one,
   // since one script cannot span slots (the client still pipelines them);
   // otherwise as one script, joined by whatever else this turn asks for.
   const submit = (ops: Operation[]): void => {
+    if (replicator) {
+      for (const op of ops) pending.push(op);
+      if (!pendingScheduled) {
+        pendingScheduled = true;
+        setImmediate(flushPending);
+      }
+      return;
+    }
     if (cluster) {
       for (const op of ops) send([op]);
       return;
