@@ -3,6 +3,10 @@
  * user's own driver (loaded lazily, never a dependency of oncely), read the
  * record of one key, or delete expired records.
  *
+ * A stored response body is shown only on request (`showBody`): it is the
+ * customer's data. Outcomes sealed by `withEncryption` are opened only with
+ * the keys given; without them only their key id is shown.
+ *
  * @example
  * ```ts
  * import { inspectKey, openStoreUrl } from './inspect.js';
@@ -20,9 +24,11 @@ import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { recordId } from '../engine/fingerprint.js';
+import { type RecordIdSecret, recordIdFor } from '../engine/fingerprint.js';
 import type { IdempotencyStore, StoredRecord } from '../engine/store.js';
+import { DecryptFailedError, type DecryptFailureReason } from '../errors/index.js';
 import { decodeOutcome } from '../http/outcome.js';
+import { type EncryptionKey, isSealed, outcomeCipher, sealedKeyId } from '../stores/encryption.js';
 
 /** A store opened from a URL, and how to close it with its client. */
 export interface OpenedStore {
@@ -183,9 +189,19 @@ export interface RecordQuery {
   namespace?: string;
 }
 
+/** How {@link inspectKey} reads a record. */
+export interface InspectOptions {
+  /** Include the head of a stored body (`bodyHead`). Default false: only its size. */
+  showBody?: boolean;
+  /** Keys to open outcomes sealed by `withEncryption` (`ONCELY_ENCRYPTION_KEY`). */
+  encryptionKeys?: readonly EncryptionKey[];
+  /** The `secret` the server derives keyed record ids with (`ONCELY_RECORD_SECRET`). */
+  secret?: RecordIdSecret;
+}
+
 /** What {@link inspectKey} reports. */
 export interface Inspection {
-  /** The record id the store indexes: SHA-256 of namespace, scope and key. */
+  /** The record id the store indexes: SHA-256 (or, with a secret, HMAC-SHA-256) of namespace, scope and key. */
   id: string;
   /** `absent` when there is no record, or it expired. */
   state: 'absent' | StoredRecord['state'];
@@ -197,19 +213,26 @@ export interface Inspection {
   expiresAt?: string;
   /** Completed records: the head of the stored outcome. */
   outcome?: {
-    kind: 'response' | 'marker' | 'processed' | 'unreadable';
+    /** `encrypted`: sealed, and not opened (no key given, or none of them opens it). */
+    kind: 'response' | 'marker' | 'processed' | 'unreadable' | 'encrypted';
     status?: number;
     headers?: Array<[string, string]>;
     location?: string;
-    /** The first 500 characters of the body. */
+    /** The first 500 characters of the body; only with `showBody`. */
     bodyHead?: string;
     bodyBytes?: number;
+    /** True when there is a body and it was left out (no `showBody`). */
+    bodyHidden?: boolean;
+    /** The key id of a sealed outcome (opened or not). */
+    keyId?: string;
+    /** Why a sealed outcome could not be opened with the keys given. */
+    decryptError?: DecryptFailureReason;
   };
 }
 
-/** Reads the record of `query.key` in `store`. */
-export async function inspectKey(store: IdempotencyStore, query: RecordQuery): Promise<Inspection> {
-  const id = recordId(query.key, query.scope ?? '', query.namespace ?? '');
+/** Reads the record of `query.key` in `store`; bodies only with `options.showBody`. */
+export async function inspectKey(store: IdempotencyStore, query: RecordQuery, options: InspectOptions = {}): Promise<Inspection> {
+  const id = recordIdFor(options.secret)(query.key, query.scope ?? '', query.namespace ?? '');
   const record = await store.get(id);
   if (record === null) return { id, state: 'absent' };
   const now = Date.now();
@@ -224,26 +247,45 @@ export async function inspectKey(store: IdempotencyStore, query: RecordQuery): P
     result.leaseRemainingMs = record.leaseUntil - now;
     return result;
   }
+  let stored = record.outcome;
+  let keyId: string | undefined;
+  if (isSealed(stored)) {
+    keyId = sealedKeyId(stored);
+    if (options.encryptionKeys === undefined || options.encryptionKeys.length === 0) {
+      result.outcome = { kind: 'encrypted', ...(keyId ? { keyId } : {}) };
+      return result;
+    }
+    try {
+      stored = outcomeCipher(options.encryptionKeys).open(id, stored);
+    } catch (error) {
+      if (!(error instanceof DecryptFailedError)) throw error;
+      result.outcome = { kind: 'encrypted', ...(keyId ? { keyId } : {}), decryptError: error.reason };
+      return result;
+    }
+  }
+  const sealed = keyId ? { keyId } : {};
+  const body = (text: string, bytes: number) =>
+    options.showBody ? { bodyHead: text.slice(0, 500), bodyBytes: bytes } : { bodyBytes: bytes, ...(bytes > 0 ? { bodyHidden: true } : {}) };
   try {
-    const outcome = decodeOutcome(record.outcome);
+    const outcome = decodeOutcome(stored);
     if (outcome.kind === 'response') {
-      const { body } = outcome.response;
-      const text = typeof body === 'string' ? body : Buffer.from(body).toString('base64');
+      const { body: raw } = outcome.response;
+      const text = typeof raw === 'string' ? raw : Buffer.from(raw).toString('base64');
       result.outcome = {
         kind: 'response',
         status: outcome.response.status,
         headers: outcome.response.headers,
-        bodyHead: text.slice(0, 500),
-        bodyBytes: typeof body === 'string' ? Buffer.byteLength(body) : body.byteLength,
+        ...body(text, typeof raw === 'string' ? Buffer.byteLength(raw) : raw.byteLength),
+        ...sealed,
       };
     } else if (outcome.kind === 'marker') {
-      result.outcome = { kind: 'marker', status: outcome.status, ...(outcome.location ? { location: outcome.location } : {}) };
+      result.outcome = { kind: 'marker', status: outcome.status, ...(outcome.location ? { location: outcome.location } : {}), ...sealed };
     } else {
-      result.outcome = { kind: 'processed', status: outcome.status };
+      result.outcome = { kind: 'processed', status: outcome.status, ...sealed };
     }
   } catch {
-    // Not an HTTP outcome (the function form or a consumer stored it): show it raw.
-    result.outcome = { kind: 'unreadable', bodyHead: record.outcome.slice(0, 500) };
+    // Not an HTTP outcome (the function form or a consumer stored it): its raw text counts as the body.
+    result.outcome = { kind: 'unreadable', ...body(stored, Buffer.byteLength(stored)), ...sealed };
   }
   return result;
 }
@@ -266,9 +308,22 @@ export function formatInspection(inspection: Inspection): string {
   const outcome = inspection.outcome;
   if (outcome) {
     lines.push(`outcome     ${outcome.kind}${outcome.status !== undefined ? ` ${outcome.status}` : ''}`);
+    if (outcome.keyId !== undefined) {
+      const why =
+        outcome.decryptError === 'unknown-key'
+          ? ': not among the keys in ONCELY_ENCRYPTION_KEY'
+          : outcome.decryptError !== undefined
+            ? `: does not open (${outcome.decryptError})`
+            : outcome.kind === 'encrypted'
+              ? ': set ONCELY_ENCRYPTION_KEY to open it'
+              : '';
+      lines.push(`sealed with ${outcome.keyId}${why}`);
+    }
     if (outcome.location) lines.push(`location    ${outcome.location}`);
     for (const [name, value] of outcome.headers ?? []) lines.push(`  ${name}: ${value}`);
-    if (outcome.bodyHead !== undefined) {
+    if (outcome.bodyHidden) {
+      lines.push(`body        (${outcome.bodyBytes} bytes, hidden: --show-body prints it)`);
+    } else if (outcome.bodyHead !== undefined) {
       const more = outcome.bodyBytes !== undefined && outcome.bodyBytes > outcome.bodyHead.length ? ` … (${outcome.bodyBytes} bytes)` : '';
       lines.push(`body        ${outcome.bodyHead}${more}`);
     }

@@ -12,6 +12,7 @@
 import { realpathSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import { type EncryptionKey, encryptionKeysFromEnv } from '../stores/encryption.js';
 import { formatInspection, inspectKey, openStoreUrl, purge, redact } from './inspect.js';
 import { renderTable } from './table.js';
 import { CHECK_NAMES, type CheckName, DEFAULT_BODY, type VerifyReport, verify } from './verify.js';
@@ -53,29 +54,37 @@ Options:
   -h, --help              this help
 
 Exit code: 0 when every check passed, 1 when some failed, 2 on usage errors.`,
-  inspect: `Usage: oncely inspect --store <url> --key <key> [options]
+  inspect: `Usage: oncely inspect --key <key> [--store <url>] [options]
 
-Shows the record oncely keeps for a key: state, fingerprint, lease, expiry
-and the head of the stored answer.
+Shows the record oncely keeps for a key: state, fingerprint, lease, expiry,
+the status and headers of the stored answer, and its body's size (the body
+itself only with --show-body).
 
 Options:
   --store <url>        sqlite:<path>, redis://…, postgres://…, mysql://…
+                       [$ONCELY_STORE_URL: keeps passwords out of \`ps\`]
   --key <key>          the Idempotency-Key as the client sent it
   --scope <s>          the scope the server gave it (the account) ['']
   --namespace <n>      the middleware's namespace option ['']
+  --show-body          print the head of the stored body (customer data)
   --table <name>       SQL table [oncely_records]
   --prefix <p>         Redis key prefix [the store's default]
   --json               machine-readable output
   -h, --help           this help
 
+Environment: ONCELY_STORE_URL (the store, when --store is not given),
+ONCELY_ENCRYPTION_KEY (keys that open encrypted outcomes, comma-separated
+base64), ONCELY_RECORD_SECRET (the secret of keyed record ids).
+
 The store's driver (better-sqlite3, ioredis, pg or mysql2) is loaded from
 your project; oncely does not install it.`,
-  purge: `Usage: oncely purge --store <url> [options]
+  purge: `Usage: oncely purge [--store <url>] [options]
 
 Deletes expired records (stores without native TTL; Redis expires them itself).
 
 Options:
   --store <url>        sqlite:<path>, redis://…, postgres://…, mysql://…
+                       [$ONCELY_STORE_URL: keeps passwords out of \`ps\`]
   --limit <n>          most records to delete [10000]
   --table <name>       SQL table [oncely_records]
   --prefix <p>         Redis key prefix
@@ -257,23 +266,69 @@ function storeArgs(args: readonly string[], extra: Record<string, { type: 'strin
   }).values as Record<string, string | boolean | undefined>;
 }
 
+/**
+ * The store URL: `--store`, else `ONCELY_STORE_URL`. A password given on
+ * the command line is visible to every user of the machine (`ps`), so it
+ * earns a warning.
+ */
+function storeUrlOf(command: string, values: Record<string, string | boolean | undefined>, io: Io): string {
+  if (typeof values.store === 'string') {
+    if (hasPassword(values.store)) {
+      io.err('warning: the password in --store is visible to other users of this machine (ps); set ONCELY_STORE_URL instead');
+    }
+    return values.store;
+  }
+  const fromEnv = process.env.ONCELY_STORE_URL;
+  if (fromEnv !== undefined && fromEnv.trim() !== '') return fromEnv.trim();
+  throw new UsageError(`${command} needs --store <url> or ONCELY_STORE_URL`);
+}
+
+function hasPassword(url: string): boolean {
+  try {
+    return new URL(url).password !== '';
+  } catch {
+    return false;
+  }
+}
+
 async function runInspect(args: readonly string[], io: Io): Promise<number> {
-  const values = storeArgs(args, { key: { type: 'string' }, scope: { type: 'string' }, namespace: { type: 'string' } });
+  const values = storeArgs(args, {
+    key: { type: 'string' },
+    scope: { type: 'string' },
+    namespace: { type: 'string' },
+    'show-body': { type: 'boolean' },
+  });
   if (values.help) {
     io.out(HELP.inspect);
     return 0;
   }
-  const storeUrl = values.store;
   const key = values.key;
-  if (typeof storeUrl !== 'string') throw new UsageError('inspect needs --store <url>');
   if (typeof key !== 'string') throw new UsageError('inspect needs --key <key>');
+  const storeUrl = storeUrlOf('inspect', values, io);
+  // Secrets come from the environment only, never from arguments.
+  const keysText = process.env.ONCELY_ENCRYPTION_KEY;
+  let encryptionKeys: EncryptionKey[] | undefined;
+  try {
+    encryptionKeys = keysText === undefined || keysText.trim() === '' ? undefined : encryptionKeysFromEnv(keysText);
+  } catch (error) {
+    throw new UsageError((error as Error).message);
+  }
+  const secret = process.env.ONCELY_RECORD_SECRET || undefined;
   const opened = await open(storeUrl, values);
   try {
-    const inspection = await inspectKey(opened.store, {
-      key,
-      scope: typeof values.scope === 'string' ? values.scope : '',
-      namespace: typeof values.namespace === 'string' ? values.namespace : '',
-    });
+    const inspection = await inspectKey(
+      opened.store,
+      {
+        key,
+        scope: typeof values.scope === 'string' ? values.scope : '',
+        namespace: typeof values.namespace === 'string' ? values.namespace : '',
+      },
+      {
+        showBody: values['show-body'] === true,
+        ...(encryptionKeys ? { encryptionKeys } : {}),
+        ...(secret !== undefined ? { secret } : {}),
+      },
+    );
     io.out(values.json ? JSON.stringify({ store: redact(storeUrl), key, ...inspection }, null, 2) : formatInspection(inspection));
     return 0;
   } finally {
@@ -287,8 +342,7 @@ async function runPurge(args: readonly string[], io: Io): Promise<number> {
     io.out(HELP.purge);
     return 0;
   }
-  const storeUrl = values.store;
-  if (typeof storeUrl !== 'string') throw new UsageError('purge needs --store <url>');
+  const storeUrl = storeUrlOf('purge', values, io);
   const limit = integer(typeof values.limit === 'string' ? values.limit : undefined, 'limit', 1, 10_000);
   const opened = await open(storeUrl, values);
   try {

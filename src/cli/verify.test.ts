@@ -129,7 +129,7 @@ describe('verify against the reference system', () => {
     const payment = (await res.json()) as { id: string };
 
     const io = capture();
-    expect(await run(['inspect', '--store', `sqlite:${storePath}`, '--key', key, '--scope', 'acct_verify', '--json'], io)).toBe(0);
+    expect(await run(['inspect', '--store', `sqlite:${storePath}`, '--key', key, '--scope', 'acct_verify', '--json', '--show-body'], io)).toBe(0);
     const shown = JSON.parse(io.text()) as {
       id: string;
       state: string;
