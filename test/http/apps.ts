@@ -7,16 +7,23 @@
 import type { AddressInfo } from 'node:net';
 import { createServer, type Server } from 'node:http';
 import { createAdaptorServer } from '@hono/node-server';
+import { Controller, Get, HttpException, Module, Post, Req, Res } from '@nestjs/common';
+import { NestFactory } from '@nestjs/core';
+import { ExpressAdapter, type NestExpressApplication } from '@nestjs/platform-express';
+import { FastifyAdapter } from '@nestjs/platform-fastify';
 import express from 'express';
 import express4 from 'express4';
 import Fastify from 'fastify';
 import { Hono } from 'hono';
+import Koa from 'koa';
 import type { HttpIdempotencyOptions } from 'oncely';
 import { idempotency } from 'oncely/express';
 import { oncely } from 'oncely/fastify';
 import { withIdempotency } from 'oncely/fetch';
+import { idempotency as koaIdempotency } from 'oncely/koa';
+import { Idempotent, OncelyModule } from 'oncely/nestjs';
 
-export const DOORS = ['express5', 'express4', 'fastify', 'fetch', 'hono'] as const;
+export const DOORS = ['express5', 'express4', 'fastify', 'fetch', 'hono', 'koa', 'nestjs-express', 'nestjs-fastify'] as const;
 export type Door = (typeof DOORS)[number];
 
 export interface TestApp {
@@ -133,5 +140,77 @@ export async function startApp(door: Door, options: Options): Promise<TestApp> {
       const url = await listen(server);
       return { url, executions: () => count, close: () => closeServer(server) };
     }
+    case 'koa': {
+      const app = new Koa();
+      app.silent = true;
+      app.use(koaIdempotency(opts as never));
+      app.use(async (ctx) => {
+        if (ctx.path !== '/payments') return;
+        if (ctx.method === 'GET') {
+          ctx.body = { count };
+          return;
+        }
+        // No body parser: oncely read the body and left it parsed.
+        const effect = await pay(++count, (n) => ctx.get(n) || undefined, (ctx.request as { body?: unknown }).body);
+        ctx.status = effect.status;
+        ctx.set(effect.headers);
+        ctx.body = effect.body;
+      });
+      const server = createServer(app.callback());
+      const url = await listen(server);
+      return { url, executions: () => count, close: () => closeServer(server) };
+    }
+    case 'nestjs-express':
+    case 'nestjs-fastify': {
+      const app = await startNest(door === 'nestjs-fastify', opts, () => ++count, () => count);
+      return { ...app, executions: () => count };
+    }
   }
+}
+
+type NestHeaders = Record<string, string | string[] | undefined>;
+/** Express's response and Fastify's reply both have these. */
+interface NestResponse {
+  status(code: number): unknown;
+  header(name: string, value: string): unknown;
+}
+
+/**
+ * The payment app as a Nest application on either platform, written as Nest
+ * users write it: the handler returns a value for Nest to serialise, throws
+ * an HttpException for an error status, and an Error for a failure.
+ * Decorators are applied by hand (the repository compiles without
+ * `experimentalDecorators`); in an app they are the usual `@Post()` etc.
+ */
+async function startNest(fastify: boolean, opts: Options, next: () => number, count: () => number) {
+  class PaymentsController {
+    async create(req: { headers: NestHeaders; body: unknown }, res: NestResponse) {
+      const effect = await pay(next(), (n) => req.headers[n] as string | undefined, req.body);
+      for (const [name, value] of Object.entries(effect.headers)) res.header(name, value);
+      if (effect.status >= 400) throw new HttpException(JSON.parse(effect.body), effect.status);
+      res.status(effect.status);
+      return JSON.parse(effect.body);
+    }
+    list() {
+      return { count: count() };
+    }
+  }
+  const proto = PaymentsController.prototype;
+  const method = (name: 'create' | 'list') => Object.getOwnPropertyDescriptor(proto, name)!;
+  Controller('payments')(PaymentsController);
+  Post()(proto, 'create', method('create'));
+  Idempotent()(proto, 'create', method('create'));
+  Req()(proto, 'create', 0);
+  Res({ passthrough: true })(proto, 'create', 1);
+  Get()(proto, 'list', method('list'));
+  class AppModule {}
+  Module({ imports: [OncelyModule.forRoot(opts as never)], controllers: [PaymentsController] })(AppModule);
+  const app = fastify
+    ? await NestFactory.create(AppModule, new FastifyAdapter(), { logger: false })
+    : await NestFactory.create<NestExpressApplication>(AppModule, new ExpressAdapter(), { logger: false });
+  // Nest's default JSON limit is 100 kB; the other doors read up to maxBodyBytes (1 MiB).
+  if (!fastify) (app as NestExpressApplication).useBodyParser('json', { limit: '1mb' });
+  await app.listen(0, '127.0.0.1');
+  const { port } = app.getHttpServer().address() as AddressInfo;
+  return { url: `http://127.0.0.1:${port}`, close: () => app.close() };
 }

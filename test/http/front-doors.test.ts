@@ -1,6 +1,7 @@
 /**
  * DESIGN 4, row by row, through every front door (Express 5 and 4, Fastify,
- * fetch with a plain handler and with Hono) on the memory and SQLite stores.
+ * fetch with a plain handler and with Hono, Koa, NestJS on its Express and
+ * Fastify platforms) on the memory and SQLite stores.
  */
 import { request as httpRequest } from 'node:http';
 import { mkdtempSync, rmSync } from 'node:fs';
