@@ -5,15 +5,21 @@
  * @module
  */
 
-/** What `init.body` may be: fetch's `BodyInit`, or a Node `Readable`/async iterable of bytes. */
-export type ClientBody = BodyInit | AsyncIterable<Uint8Array> | null | undefined;
+/**
+ * What `init.body` may be: what fetch takes (`RequestInit['body']`: a string,
+ * bytes, a Blob, FormData, URLSearchParams, a `ReadableStream`), or a Node
+ * `Readable`/async iterable of bytes. Named through `RequestInit`, which the
+ * DOM lib and @types/node both declare, rather than `BodyInit`, which only the
+ * DOM lib does: Node-only projects compile these declarations too.
+ */
+export type ClientBody = RequestInit['body'] | AsyncIterable<Uint8Array> | undefined;
 
 /** A body prepared for one or more attempts. */
 export interface PreparedBody {
   /** `stream`: can be sent once only, so the operation is never retried. */
   readonly kind: 'none' | 'replayable' | 'stream';
   /** The body for the next attempt (a fresh copy where fetch would consume it). */
-  make(): BodyInit | AsyncIterable<Uint8Array> | null;
+  make(): Exclude<ClientBody, undefined>;
   /** A `Content-Type` to send when the caller set none (FormData's boundary). */
   readonly contentType?: string;
 }
@@ -58,7 +64,7 @@ export async function prepareBody(body: ClientBody): Promise<PreparedBody> {
       ? { kind: 'replayable', make: () => bytes }
       : { kind: 'replayable', make: () => bytes, contentType };
   }
-  if (isStream(body)) return { kind: 'stream', make: () => body as BodyInit };
+  if (isStream(body)) return { kind: 'stream', make: () => body };
   // Anything else fetch would stringify; a string is replayable.
   const text = String(body);
   return { kind: 'replayable', make: () => text };

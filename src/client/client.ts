@@ -106,6 +106,13 @@ export interface ClientRequestInit extends Omit<RequestInit, 'body'> {
 }
 
 /**
+ * `Response`, typed without `clone`, for {@link OncelyResponse} to declare its
+ * own: the DOM lib declares `clone` a method and @types/node a property, and a
+ * subclass cannot override both. At run time this is `Response` itself.
+ */
+const ResponseWithoutClone: new (body: Response['body'], init: ResponseInit) => Omit<Response, 'clone'> = Response;
+
+/**
  * The answer of an operation: a standard `Response` (read it as usual:
  * `.ok`, `.status`, `.json()`…) that also tells how it was obtained.
  *
@@ -118,7 +125,7 @@ export interface ClientRequestInit extends Omit<RequestInit, 'body'> {
  * console.log(res.status, res.key, res.attempts, res.replayed);
  * ```
  */
-export class OncelyResponse extends Response {
+export class OncelyResponse extends ResponseWithoutClone {
   /** The Idempotency-Key sent on every attempt; undefined when none was sent. */
   readonly key: string | undefined;
   /** How many attempts were made (1 when the first one was answered). */
@@ -140,8 +147,8 @@ export class OncelyResponse extends Response {
   }
 
   /** A copy that can be read separately, with the same `key`, `attempts`, `replayed` and `url`. */
-  override clone(): OncelyResponse {
-    const copy = new OncelyResponse(super.clone(), { key: this.key, attempts: this.attempts });
+  clone(): OncelyResponse {
+    const copy = new OncelyResponse(Response.prototype.clone.call(this), { key: this.key, attempts: this.attempts });
     keepOrigin(copy, this);
     return copy;
   }
@@ -454,7 +461,8 @@ async function attemptOnce(request: Prepared, settings: Settings, deadlineAt: nu
     ...request.rest,
     method: request.method,
     headers: new Headers(request.headers),
-    body: request.body.make() as BodyInit | null,
+    // Node's fetch also takes an async iterable (with duplex: 'half', set below).
+    body: request.body.make() as RequestInit['body'],
     signal,
   };
   if (request.body.kind === 'stream') init.duplex = 'half';
