@@ -25,8 +25,9 @@ import { ConfigError } from '../errors/index.js';
 export interface PurgeOptions {
   /**
    * Pause between the end of one drain and the start of the next, in ms.
-   * Default 10 000. The first drain starts at a random point of the first
-   * interval, so that processes started together do not purge in step.
+   * Default 10 000. The first drain starts at a random point in the second
+   * half of the first interval, so that processes started together do not
+   * purge in step.
    */
   intervalMs?: number;
   /** Records deleted per batch: one short statement (or write transaction) each. Default 1000. */
