@@ -16,8 +16,7 @@ import type { AddressInfo, Socket } from 'node:net';
 import Fastify, { type FastifyInstance } from 'fastify';
 import type { IdempotencyStore } from 'oncely';
 import { oncely } from 'oncely/fastify';
-// Relative until package.json exports `oncely/stores/encryption` (its exports list is explicit).
-import { type EncryptionKey, encryptionKeysFromEnv, withEncryption } from '../src/stores/encryption.js';
+import { type EncryptionKey, encryptionKeysFromEnv, withEncryption } from 'oncely/stores/encryption';
 import { type BusinessDb, openBusinessDb } from './db.js';
 import { orderRoutes } from './orders.js';
 import { createLedger, type Ledger } from './ledger/index.js';

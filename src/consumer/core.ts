@@ -3,7 +3,7 @@ import { type RecordIdSecret, recordIdFor } from '../engine/fingerprint.js';
 import { type Disposable, TypedEmitter } from '../engine/events.js';
 import type { IdempotencyStore } from '../engine/store.js';
 import { isThenable } from '../engine/thenable.js';
-import { ConfigError, StoreUnavailableError } from '../errors/index.js';
+import { ConfigError, RolledBackError, StoreUnavailableError } from '../errors/index.js';
 
 /**
  * What a consumer handler receives for one message.
@@ -24,6 +24,13 @@ export interface ConsumerContext<M> {
   signal: AbortSignal;
   /** True when an earlier attempt crashed or stalled holding this message and this run took over its lease. */
   takeover: boolean;
+  /**
+   * Transactional mode (SQL stores): the driver's handle inside one
+   * transaction opened for this message; writes through it commit together
+   * with the message's record, before the acknowledgement. If the commit
+   * fails, nothing happened and the message is not acknowledged.
+   */
+  transaction<C = unknown>(): Promise<C>;
 }
 
 /**
@@ -446,7 +453,14 @@ export class IdempotentConsumer<M> {
       run: async () => {
         const ticker = this.#startWorking(id, working);
         try {
-          await this.#handler({ message, id, recordId: rid, signal: claim.signal, takeover: claim.takeover });
+          await this.#handler({
+            message,
+            id,
+            recordId: rid,
+            signal: claim.signal,
+            takeover: claim.takeover,
+            transaction: () => claim.transaction(),
+          });
         } finally {
           clearInterval(ticker);
           ranNow();
@@ -474,6 +488,12 @@ export class IdempotentConsumer<M> {
         // The new owner decides; a redelivery will learn its outcome.
         this.#events.emit('fenced', { id, recordId: rid });
         return { action: 'fenced', id, recordId: rid };
+      case 'rolled_back': {
+        // Transactional mode: the handler's writes did not commit; the claim was released.
+        const error = new RolledBackError('The handler ran, but its transaction did not commit; nothing happened.');
+        this.#events.emit('released', { id, recordId: rid, error });
+        return { action: 'failed', id, recordId: rid, error };
+      }
       default: {
         // 'unsettled': the effect happened but is not recorded. The record stays in progress until
         // its lease ends, then a redelivery runs it again (at least once): never acknowledge.

@@ -8,7 +8,8 @@ import {
   StoreUnavailableError,
 } from '../errors/index.js';
 import { type Disposable, OncelyEmitter, type OncelyEventName, type OncelyHooks, type OncelyListener } from './events.js';
-import type { ClaimAcquired, ClaimInput, ClaimResult, CompletedRecord, IdempotencyStore } from './store.js';
+import { DEFAULT_SESSION_TTL_MS, type ProcessSession, type SessionWatcher, sessionOf } from './session.js';
+import type { ClaimAcquired, ClaimInput, ClaimResult, CompletedRecord, IdempotencyStore, StoreTransaction } from './store.js';
 
 /** How long to wait for a duplicate that is still running before answering "in flight". */
 export interface WaitOptions {
@@ -38,10 +39,19 @@ export interface EngineOptions {
   failOpen?: boolean;
   /** Event listeners, one per event name. */
   hooks?: OncelyHooks;
+  /**
+   * Process sessions, on stores that have them (SQL stores, Redis): one
+   * heartbeat per process lets others take over a crashed process's claims
+   * `ttlMs` after its last heartbeat instead of a whole lease. Default on,
+   * with `ttlMs` 1 000. A process whose event loop stalls longer than that
+   * loses its claims to others (its writes stay fenced): raise it for
+   * workloads with long synchronous pauses. `false` turns sessions off.
+   */
+  sessions?: { ttlMs?: number } | false;
 }
 
 /** The names of {@link EngineOptions}: a front door given an `engine` must not also be given these. */
-export const ENGINE_OPTION_NAMES = ['store', 'leaseMs', 'ttlMs', 'storeTimeoutMs', 'wait', 'failOpen', 'hooks'] as const;
+export const ENGINE_OPTION_NAMES = ['store', 'leaseMs', 'ttlMs', 'storeTimeoutMs', 'wait', 'failOpen', 'hooks', 'sessions'] as const;
 
 /**
  * The one rule for engine settings in every front door: either an `engine`
@@ -134,13 +144,17 @@ export type Settlement =
 
 /**
  * What settling did:
- * - `stored`: the outcome is stored;
+ * - `stored`: the outcome is stored (in transactional mode: committed with
+ *   the business writes);
  * - `released`: the record was deleted, a retry runs again;
- * - `fenced`: another owner took the record over, nothing was written;
+ * - `fenced`: another owner took the record over, nothing was written (in
+ *   transactional mode the business writes were rolled back too);
  * - `unsettled`: the store stayed unreachable until the lease deadline; the
- *   record stays in progress until its lease ends, then may be taken over.
+ *   record stays in progress until its lease ends, then may be taken over;
+ * - `rolled_back`: transactional mode: the commit failed, the business
+ *   writes are gone and the claim was released; the operation did not happen.
  */
-export type Settled = 'stored' | 'released' | 'fenced' | 'unsettled';
+export type Settled = 'stored' | 'released' | 'fenced' | 'unsettled' | 'rolled_back';
 
 /**
  * One operation run under a claim by {@link Claim.perform}: the work, and
@@ -203,6 +217,8 @@ export class Engine {
   readonly failOpen: boolean;
   readonly #events: OncelyEmitter;
   readonly #synchronous: boolean;
+  /** This process's session in the store, when the store has sessions and they are on. @internal */
+  readonly session: ProcessSession | undefined;
 
   /** @throws {@link ConfigError} for a missing store or a duration that is not a positive number of ms. */
   constructor(options: EngineOptions) {
@@ -221,6 +237,23 @@ export class Engine {
     this.failOpen = options.failOpen ?? false;
     this.#events = new OncelyEmitter(options.hooks);
     this.#synchronous = store.capabilities?.synchronous === true;
+    const sessions = options.sessions ?? {};
+    if (sessions !== false) checkDuration('sessions.ttlMs', sessions.ttlMs);
+    this.session =
+      sessions === false
+        ? undefined
+        : sessionOf(store, sessions.ttlMs ?? DEFAULT_SESSION_TTL_MS, (operation, call) => this.storeCall(undefined, operation, call));
+    this.session?.use();
+  }
+
+  /**
+   * Stop using the store's process session: when no engine of this process
+   * uses it any more, the session ends at once, so that claims still held
+   * (there should be none after a graceful shutdown) can be taken over
+   * without waiting. The store itself stays open.
+   */
+  async close(): Promise<void> {
+    await this.session?.release();
   }
 
   /** Subscribe to an engine event (for logs and metrics); dispose the result to stop. */
@@ -299,7 +332,21 @@ export class Engine {
     const ttlMs = input.ttlMs ?? this.ttlMs;
     checkDuration('leaseMs', leaseMs);
     checkDuration('ttlMs', ttlMs);
-    const claimInput: ClaimInput = { fingerprint: input.fingerprint, leaseMs, ttlMs: Math.max(ttlMs, leaseMs), scope: input.scope };
+    const session = this.session;
+    if (session !== undefined && session.until <= Date.now() + session.ttlMs / 2) {
+      try {
+        await session.ready();
+      } catch (error) {
+        return this.#unavailable(error as OncelyError);
+      }
+    }
+    const claimInput: ClaimInput = {
+      fingerprint: input.fingerprint,
+      leaseMs,
+      ttlMs: Math.max(ttlMs, leaseMs),
+      scope: input.scope,
+      owner: session?.id,
+    };
     const wait = input.wait ?? this.wait;
     const waitUntil = wait ? Date.now() + wait.timeoutMs : 0;
     let poll = wait ? (wait.pollMs ?? 50) : 0;
@@ -309,6 +356,7 @@ export class Engine {
       let result: ClaimResult;
       try {
         result = await this.storeCall(input.id, 'claim', () => this.store.claim(input.id, claimInput));
+        if (result.status === 'in_progress') result = await this.#takeoverFromDead(input.id, claimInput, result);
       } catch (error) {
         return this.#unavailable(error as OncelyError);
       }
@@ -342,14 +390,27 @@ export class Engine {
     const ttlMs = options.ttlMs ?? this.ttlMs;
     checkDuration('leaseMs', leaseMs);
     checkDuration('ttlMs', ttlMs);
-    const claimInput: ClaimInput = { fingerprint: options.fingerprint, leaseMs, ttlMs: Math.max(ttlMs, leaseMs), scope: options.scope };
+    const session = this.session;
     const { store } = this;
-    const sentAt = Date.now();
     let results: ClaimResult[];
+    let sentAt: number;
     try {
+      if (session !== undefined && session.until <= Date.now() + session.ttlMs / 2) await session.ready();
+      const claimInput: ClaimInput = {
+        fingerprint: options.fingerprint,
+        leaseMs,
+        ttlMs: Math.max(ttlMs, leaseMs),
+        scope: options.scope,
+        owner: session?.id,
+      };
+      sentAt = Date.now();
       results = await this.storeCall(undefined, 'claimMany', () =>
         store.claimMany ? store.claimMany(ids, claimInput) : Promise.all(ids.map((id) => store.claim(id, claimInput))),
       );
+      for (let i = 0; i < results.length; i++) {
+        const result = results[i]!;
+        if (result.status === 'in_progress') results[i] = await this.#takeoverFromDead(ids[i]!, claimInput, result);
+      }
     } catch (error) {
       const refused = this.#unavailable(error as OncelyError);
       return ids.map(() => refused);
@@ -359,6 +420,20 @@ export class Engine {
       if (begun.kind === 'in_flight') this.#events.emit('conflict', { id, leaseUntil: begun.error.leaseUntil });
       return begun;
     });
+  }
+
+  /**
+   * A record in progress under another process's session: if that session
+   * is dead, take the record over now instead of waiting for its lease. One
+   * extra round trip, only on this path.
+   */
+  async #takeoverFromDead(id: string, input: ClaimInput, result: Extract<ClaimResult, { status: 'in_progress' }>): Promise<ClaimResult> {
+    const owner = result.owner;
+    const sessions = this.store.sessions;
+    if (owner === undefined || sessions === undefined || this.session === undefined || owner === this.session.id) return result;
+    if (input.fingerprint !== null && result.fingerprint !== null && input.fingerprint !== result.fingerprint) return result;
+    if (await this.storeCall(id, 'alive', () => sessions.alive(owner))) return result;
+    return this.storeCall(id, 'claim', () => this.store.claim(id, { ...input, takeoverFrom: owner }));
   }
 
   #decide(id: string, fingerprint: string | null, result: ClaimResult, sentAt: number, leaseMs: number, ttlMs: number): Begun {
@@ -405,7 +480,7 @@ type ClaimState = 'held' | 'abandoned' | 'settling' | 'settled';
  *   its handler may still be running: the claim then ends by its own
  *   settlement if one still comes, or by its lease.
  */
-export class Claim {
+export class Claim implements SessionWatcher {
   /** Record id. */
   readonly id: string;
   /** Fencing token; every write presents it. */
@@ -425,6 +500,8 @@ export class Claim {
   #state: ClaimState = 'held';
   #settled: Promise<Settled> | undefined;
   #marker: string | undefined;
+  readonly #session: ProcessSession | undefined;
+  #transaction: Promise<StoreTransaction> | undefined;
 
   /** @internal Made by the engine, which has just won the claim. */
   constructor(engine: Engine, id: string, acquired: ClaimAcquired, sentAt: number, leaseMs: number, ttlMs: number) {
@@ -435,6 +512,8 @@ export class Claim {
     this.ttlMs = ttlMs;
     this.#leaseMs = leaseMs;
     this.#leaseUntil = sentAt + leaseMs;
+    this.#session = engine.session;
+    this.#session?.watch(this);
     this.#scheduleRenewal();
   }
 
@@ -452,9 +531,19 @@ export class Claim {
     return this.#lostReason !== undefined;
   }
 
-  /** The local lease deadline (epoch ms): the signal fires then unless a renewal moves it. */
+  /**
+   * The local lease deadline (epoch ms): the signal fires then unless a
+   * renewal moves it. With a process session, never later than the
+   * session's own deadline: past it, others may take the claim over.
+   */
   get leaseUntil(): number {
-    return this.#leaseUntil;
+    const session = this.#session;
+    return session === undefined ? this.#leaseUntil : Math.min(this.#leaseUntil, session.until);
+  }
+
+  /** @internal The process session's heartbeat failed: the claim is bounded by the session's deadline too. */
+  sessionAtRisk(_until: number): void {
+    if (this.#state === 'held' || this.#state === 'abandoned') this.#armDeadline();
   }
 
   /** True once a settlement has begun (the claim will not be renewed again). */
@@ -480,6 +569,7 @@ export class Claim {
   #markLost(): void {
     if (this.#lostReason !== undefined) return;
     this.#lostReason = new LeaseLostError();
+    this.#session?.unwatch(this);
     clearTimeout(this.#deadlineTimer);
     this.#engine.emit('leaseLost', { id: this.id });
     this.#abort?.abort(this.#lostReason);
@@ -496,8 +586,13 @@ export class Claim {
     if (this.#deadlineTimer !== undefined || this.#lostReason !== undefined) return;
     this.#deadlineTimer = setTimeout(() => {
       this.#deadlineTimer = undefined;
+      // A renewal or a session heartbeat may have moved the deadline meanwhile.
+      if (Date.now() < this.leaseUntil) {
+        if (this.#state === 'held' || this.#state === 'abandoned') this.#armDeadline();
+        return;
+      }
       this.#markLost();
-    }, Math.max(0, this.#leaseUntil - Date.now()));
+    }, Math.max(0, this.leaseUntil - Date.now()));
     this.#deadlineTimer.unref();
   }
 
@@ -524,7 +619,7 @@ export class Claim {
       this.#disarmDeadline();
     } catch {
       if (this.#state !== 'held') return;
-      if (Date.now() >= this.#leaseUntil) {
+      if (Date.now() >= this.leaseUntil) {
         this.#markLost();
         return;
       }
@@ -566,14 +661,81 @@ export class Claim {
     if (this.#settled !== undefined) return this.#settled;
     this.#state = 'settling';
     this.#stopRenewing();
-    this.#settled = (settlement.kind === 'complete' ? this.#complete(settlement.outcome, settlement.ttlMs ?? this.ttlMs) : this.#release(settlement.reason)).then(
-      (settled) => {
-        this.#state = 'settled';
-        this.#disarmDeadline();
-        return settled;
-      },
-    );
+    const settling =
+      settlement.kind === 'complete'
+        ? this.#transaction
+          ? this.#commit(settlement.outcome, settlement.ttlMs ?? this.ttlMs)
+          : this.#complete(settlement.outcome, settlement.ttlMs ?? this.ttlMs)
+        : this.#transaction
+          ? this.#rollback().then(() => this.#release(settlement.reason))
+          : this.#release(settlement.reason);
+    this.#settled = settling.then((settled) => {
+      this.#state = 'settled';
+      this.#session?.unwatch(this);
+      this.#disarmDeadline();
+      return settled;
+    });
     return this.#settled;
+  }
+
+  /**
+   * Transactional mode (stores with `transactions`: the SQL stores): open
+   * one transaction for this operation, once, and answer the driver's
+   * handle inside it (a `pg` client, a mysql2 connection, a better-sqlite3
+   * `Database`). The operation's business writes go through it, and the
+   * record's completion commits with them: a crash at any point leaves both
+   * or neither. A release rolls them back.
+   *
+   * @throws {@link ConfigError} when the store has no transactional mode.
+   */
+  async transaction<C = unknown>(): Promise<C> {
+    const transactions = this.#engine.store.transactions;
+    if (transactions === undefined) throw new ConfigError(`The ${this.#engine.store.name} store has no transactional mode.`);
+    if (this.settling) throw new ConfigError('This operation is already settled; its transaction is closed.');
+    this.#transaction ??= transactions.open(this.id, this.token);
+    return (await this.#transaction).client as C;
+  }
+
+  /** True once {@link Claim.transaction} was asked for: the completion commits with the business writes. */
+  get transactional(): boolean {
+    return this.#transaction !== undefined;
+  }
+
+  async #commit(outcome: string, ttlMs: number): Promise<Settled> {
+    const engine = this.#engine;
+    let transaction: StoreTransaction;
+    try {
+      transaction = await this.#transaction!;
+    } catch (error) {
+      // It never opened: nothing was written through it.
+      engine.emit('storeError', { id: this.id, operation: 'transaction', error });
+      return (await this.#release('transaction failed to open')) === 'released' ? 'rolled_back' : 'unsettled';
+    }
+    try {
+      // No store timeout here: a commit cut short by a timer would still land.
+      if (await transaction.commit(outcome, ttlMs)) {
+        engine.emit('stored', { id: this.id, bytes: outcome.length });
+        return 'stored';
+      }
+      engine.emit('fenced', { id: this.id, operation: 'complete' });
+      this.#markLost();
+      return 'fenced';
+    } catch (error) {
+      engine.emit('storeError', { id: this.id, operation: 'commit', error });
+      // Both or neither committed: look, and release when it was neither, so that a retry runs.
+      const released = await this.#release('commit failed');
+      if (await this.#storedAlready(outcome)) return 'stored';
+      return released === 'released' ? 'rolled_back' : 'unsettled';
+    }
+  }
+
+  async #rollback(): Promise<void> {
+    try {
+      const transaction = await this.#transaction!;
+      await transaction.rollback();
+    } catch (error) {
+      this.#engine.emit('storeError', { id: this.id, operation: 'rollback', error });
+    }
   }
 
   /**

@@ -1,5 +1,5 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
-import { ConfigError, NotReplayableError } from '../errors/index.js';
+import { ConfigError, NotReplayableError, RolledBackError } from '../errors/index.js';
 import { checkDuration, type Engine, type EngineOptions, engineFrom, type WaitOptions } from './engine.js';
 import { fingerprintOf, type RecordIdSecret, recordIdFor } from './fingerprint.js';
 
@@ -13,6 +13,13 @@ export interface RunContext {
   takeover: boolean;
   /** Aborts when the lease is lost. */
   signal: AbortSignal;
+  /**
+   * Transactional mode (SQL stores): the driver's handle inside one
+   * transaction opened for this call; writes through it commit together
+   * with the stored result. If the commit fails, the call throws
+   * `RolledBackError` and nothing happened.
+   */
+  transaction<C = unknown>(): Promise<C>;
 }
 
 /** Options of {@link idempotent}. */
@@ -126,10 +133,17 @@ export function idempotent<A extends unknown[], R>(
     }
     const { claim } = begun;
     const performed = await claim.perform<R>({
-      run: () => runs.run({ key, id, takeover: claim.takeover, signal: claim.signal }, () => fn(...args)),
+      run: () =>
+        runs.run({ key, id, takeover: claim.takeover, signal: claim.signal, transaction: () => claim.transaction() }, () =>
+          fn(...args),
+        ),
       settle: (result) => ({ kind: 'complete', outcome: storedResult(result) }),
       failure: (error) => (isFinal(error) ? { kind: 'complete', outcome: storedError(error) } : undefined),
     });
+    // Transactional mode: a result whose writes did not commit never reaches the caller as if they had.
+    if (claim.transactional && performed.ok && performed.settled !== 'stored') {
+      throw new RolledBackError(`The call did not commit (${performed.settled}); nothing happened. Call again with the same key.`);
+    }
     if (performed.ok) return performed.value;
     throw performed.error;
   };

@@ -32,6 +32,19 @@ export interface ClaimInput {
    * stores use it to keep one scope from crowding out another.
    */
   readonly scope?: string;
+  /**
+   * The claiming process's session ({@link StoreSessions}): stored as the
+   * record's owner, so that others can take it over as soon as the session
+   * dies. Absent for stores without sessions.
+   */
+  readonly owner?: string;
+  /**
+   * Take the record over when it is in progress under this owner, whatever
+   * its lease: the engine found that owner's session dead. The same
+   * fingerprint rule applies as for an expired lease. A record whose owner
+   * has changed meanwhile is not taken over.
+   */
+  readonly takeoverFrom?: string;
 }
 
 /** A record that finished: its stored outcome is replayed to every later copy. */
@@ -84,6 +97,8 @@ export interface ClaimInProgress {
   readonly leaseUntil: number;
   /** The store's clock when it answered (epoch ms), to compute a wait without trusting local clocks. */
   readonly now: number;
+  /** The owner session recorded with the claim, when the store keeps one. */
+  readonly owner?: string;
 }
 
 /** The answer of {@link IdempotencyStore.claim}. */
@@ -103,6 +118,45 @@ export interface StoreCapabilities {
    * without a timeout timer: such a call returns before any timer could fire.
    */
   readonly synchronous?: boolean;
+}
+
+/**
+ * Process sessions: one heartbeat per process (not per claim) tells the
+ * other processes that its claims are still being worked on. When a process
+ * dies, its session ends within its TTL and its claims can be taken over
+ * within seconds instead of a whole lease.
+ */
+export interface StoreSessions {
+  /** Keep `session` alive for `ttlMs` from now, on the store's clock (an upsert). */
+  heartbeat(session: string, ttlMs: number): Promise<void>;
+  /** True while `session` is alive. */
+  alive(session: string): Promise<boolean>;
+  /** End `session` now (a clean shutdown): its claims can be taken over at once. */
+  end(session: string): Promise<void>;
+}
+
+/**
+ * One open transaction of transactional mode: the handler's business writes
+ * go through `client`, and the record's completion commits with them.
+ */
+export interface StoreTransaction<C = unknown> {
+  /** The driver's handle inside the open transaction (a `pg` client, a mysql2 connection, a better-sqlite3 `Database`). */
+  readonly client: C;
+  /**
+   * Complete the record inside the transaction (fenced by the claim's
+   * token), then commit both. Answers `false`, having rolled everything
+   * back, when the token no longer owns the record. Throws when the commit
+   * failed or its result is unknown.
+   */
+  commit(outcome: string, ttlMs: number): Promise<boolean>;
+  /** Roll back the business writes (the record is untouched). */
+  rollback(): Promise<void>;
+}
+
+/** Transactional mode (SQL stores): business writes and the completion commit together. */
+export interface StoreTransactions<C = unknown> {
+  /** Open a transaction for the operation `id`, claimed under `token`. */
+  open(id: string, token: string): Promise<StoreTransaction<C>>;
 }
 
 /**
@@ -142,4 +196,8 @@ export interface IdempotencyStore {
   purgeExpired(limit: number): Promise<number>;
   /** Release resources the store created itself (never the user's client). */
   close(): Promise<void>;
+  /** Process sessions, for takeover within seconds of a crash (optional). */
+  readonly sessions?: StoreSessions;
+  /** Transactional mode (optional; SQL stores). */
+  readonly transactions?: StoreTransactions;
 }

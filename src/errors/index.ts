@@ -219,7 +219,7 @@ export class ConfigError extends OncelyError {
  */
 export class RolledBackError extends OncelyError {
   constructor(detail: string, options: OncelyErrorOptions = {}) {
-    super('ONCELY_ROLLED_BACK', 500, 'rolled-back', 'Transaction rolled back', detail, options);
+    super('ONCELY_ROLLED_BACK', 503, 'rolled-back', 'Transaction rolled back', detail, { retryAfter: 1, ...options });
   }
 }
 

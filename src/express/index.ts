@@ -24,6 +24,7 @@ import {
   type HttpRun,
   type IdempotencyContext,
 } from '../http/core.js';
+import type { Settled } from '../engine/engine.js';
 import type { HttpResponse } from '../http/outcome.js';
 import { fieldLines } from '../http/headers.js';
 
@@ -265,9 +266,18 @@ function capture(res: ServerResponse, core: HttpIdempotency<Request>, run: HttpR
       ? { kind: 'unstorable', status: this.statusCode, headers }
       : { kind: 'response', response: { status: this.statusCode, headers, body: Buffer.concat(chunks) } };
     const body = streaming ? tail : Buffer.concat(chunks);
-    const deliver = (): void => {
+    const deliver = (settled: unknown): void => {
       // Something else ended the response meanwhile (a second `end`): do not write after it.
       if (this.writableEnded) return;
+      // Transactional mode: an answer whose writes did not commit is not sent as if they had.
+      const replacement = streaming ? undefined : core.replacement(run, settled as Settled | undefined, this.statusCode);
+      if (replacement !== undefined) {
+        for (const name of this.getHeaderNames()) this.removeHeader(name);
+        this.statusCode = replacement.status;
+        for (const [name, value] of replacement.headers) this.setHeader(name, value);
+        rawEnd.call(this, replacement.body, cb);
+        return;
+      }
       if (body === undefined) rawEnd.call(this, cb);
       else rawEnd.call(this, body, cb);
     };

@@ -256,8 +256,14 @@ export async function oncely(fastify: FastifyInstance, options: FastifyIdempoten
       const size = typeof body === 'string' ? Buffer.byteLength(body) : body.byteLength;
       finished = size <= core.maxStoredBytes ? { kind: 'response', response: { status, headers, body } } : { kind: 'unstorable', status, headers };
     }
-    await core.finish(run, finished);
-    return payload;
+    const settled = await core.finish(run, finished);
+    // Transactional mode: an answer whose writes did not commit is not sent as if they had.
+    const replacement = core.replacement(run, settled, status);
+    if (replacement === undefined) return payload;
+    reply.removeHeader('location');
+    reply.code(replacement.status);
+    for (const [name, value] of replacement.headers) reply.header(name, value);
+    return replacement.body;
   });
 }
 

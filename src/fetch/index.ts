@@ -225,7 +225,10 @@ export function withIdempotency<A extends unknown[]>(
     const finished: HttpFinish = read.complete
       ? { kind: 'response', response: { status: response.status, headers, body: read.body } }
       : { kind: 'unstorable', status: response.status, headers };
-    await core.finish(run, finished);
+    const settled = await core.finish(run, finished);
+    // Transactional mode: an answer whose writes did not commit is not sent as if they had.
+    const replacement = core.replacement(run, settled, response.status);
+    if (replacement !== undefined) return toResponse(replacement);
     const out = read.complete ? (response.status === 204 || response.status === 304 ? null : read.body) : read.rest;
     return new Response(out as BodyInit | null, {
       status: response.status,

@@ -9,6 +9,7 @@ import {
   KeyMissingError,
   NotReplayableError,
   type OncelyError,
+  RolledBackError,
   ScopeMissingError,
 } from '../errors/index.js';
 import { decodeOutcome, encodeOutcome, type HttpResponse } from './outcome.js';
@@ -91,6 +92,22 @@ export interface IdempotencyContext {
   readonly signal: AbortSignal;
   /** Override the outcome policy for this response. */
   decide(decision: OutcomeDecision): void;
+  /**
+   * Transactional mode (SQL stores): the driver's handle inside one
+   * transaction opened for this request (a `pg` client, a mysql2
+   * connection, a better-sqlite3 `Database`). Write your business rows
+   * through it: they commit together with the stored response, before the
+   * response is sent; a released outcome rolls them back. If the commit
+   * fails, the client gets a 503 instead of your answer, and nothing
+   * happened.
+   *
+   * @example
+   * ```ts
+   * const db = await req.idempotency!.transaction<import('pg').PoolClient>();
+   * await db.query('INSERT INTO payments (id, amount) VALUES ($1, $2)', [req.idempotency!.id, 2500]);
+   * ```
+   */
+  transaction<C = unknown>(): Promise<C>;
 }
 
 /** Settings a single route may change. */
@@ -170,6 +187,13 @@ class Run implements HttpRun, IdempotencyContext {
   readonly decide = (decision: OutcomeDecision): void => {
     this.decision = decision;
   };
+
+  transaction<C = unknown>(): Promise<C> {
+    if (this.claim === null) {
+      return Promise.reject(new ConfigError('This request runs without a claim (the store is down and failOpen is set): there is no transaction.'));
+    }
+    return this.claim.transaction<C>();
+  }
 }
 
 /**
@@ -343,6 +367,24 @@ export class HttpIdempotency<R> {
     if (this.#options.strategy === 'constraint') return encodeOutcome({ kind: 'processed', status });
     const location = headers.find(([name]) => name.toLowerCase() === 'location')?.[1];
     return encodeOutcome({ kind: 'marker', status, location });
+  }
+
+  /**
+   * What to send instead of the handler's answer, when there is something
+   * else to send: in transactional mode, an answer whose business writes
+   * did not commit (the commit failed, another owner fenced it, or the
+   * settlement failed) must not reach the client as if it had happened.
+   * Answers a 503 problem then, `undefined` otherwise.
+   */
+  replacement(run: HttpRun, settled: Settled | undefined, status: number): HttpResponse | undefined {
+    if (run.claim === null || !run.claim.transactional || settled === 'stored') return undefined;
+    // A released answer (a 5xx, a 401…) said itself that nothing happened: it goes out as it is.
+    if ((run.decision ?? this.#policy(status)) === 'store') {
+      return problemResponse(
+        new RolledBackError('The operation did not commit (its transaction rolled back); nothing happened. Retry with the same key.'),
+      );
+    }
+    return undefined;
   }
 
   /**

@@ -49,6 +49,7 @@ const PUBLIC_SUBPATHS = [
   './fastify',
   './fetch',
   './package.json',
+  './stores/encryption',
   './stores/memory',
   './stores/mysql',
   './stores/postgres',

@@ -574,12 +574,13 @@ describe('reference system variants', () => {
     }
   });
 
-  it('a completion the store lost: the retry after the lease re-runs the handler, which answers with the same payment', async () => {
-    let failCompletes = 3; // the engine retries a failed complete twice
+  it('a completion the store lost until the lease ended: the retry re-runs the handler, which answers with the same payment', async () => {
+    // The engine retries a failed completion until the lease deadline; here the store refuses every one of them.
+    let loseCompletes = true;
     const base = memoryStore();
     const flaky: IdempotencyStore = Object.assign(Object.create(base) as IdempotencyStore, {
       complete: (...args: Parameters<IdempotencyStore['complete']>) =>
-        failCompletes-- > 0 ? Promise.reject(new Error('connection reset')) : base.complete(...args),
+        loseCompletes ? Promise.reject(new Error('connection reset')) : base.complete(...args),
     });
     const ref = await startReference({ store: flaky, dataDir: tempDir(), port: 0, leaseMs: 1500 });
     try {
@@ -587,9 +588,7 @@ describe('reference system variants', () => {
       const key = fresh();
       const first = await call(ref.url, 'POST', '/payments', { account, key, body: PAY });
       expect(first.status).toBe(201); // the effect happened; the caller still gets its answer
-      const early = await call(ref.url, 'POST', '/payments', { account, key, body: PAY });
-      expect(early.headers.get('idempotent-replayed'), 'replayed?').toBeNull();
-      expectProblem(early, 409); // not stored: in progress until the lease ends
+      loseCompletes = false;
       await new Promise((r) => setTimeout(r, 1600));
       const retry = await call(ref.url, 'POST', '/payments', { account, key, body: PAY });
       expect(retry.status).toBe(201);
@@ -598,6 +597,28 @@ describe('reference system variants', () => {
       expect(await paymentCount(ref.url, account)).toBe(1);
       const replay = await call(ref.url, 'POST', '/payments', { account, key, body: PAY });
       expect(replay.headers.get('idempotent-replayed')).toBe('true');
+    } finally {
+      await ref.close();
+    }
+  });
+
+  it('a completion that failed a few times is retried with the same token and lands: the next copy replays', async () => {
+    let failCompletes = 3;
+    const base = memoryStore();
+    const flaky: IdempotencyStore = Object.assign(Object.create(base) as IdempotencyStore, {
+      complete: (...args: Parameters<IdempotencyStore['complete']>) =>
+        failCompletes-- > 0 ? Promise.reject(new Error('connection reset')) : base.complete(...args),
+    });
+    const ref = await startReference({ store: flaky, dataDir: tempDir(), port: 0, leaseMs: 5000 });
+    try {
+      const account = fresh('acct');
+      const key = fresh();
+      const first = await call(ref.url, 'POST', '/payments', { account, key, body: PAY });
+      expect(first.status).toBe(201);
+      const again = await call(ref.url, 'POST', '/payments', { account, key, body: PAY });
+      expect(again.headers.get('idempotent-replayed')).toBe('true');
+      expect(again.json()).toEqual(first.json());
+      expect(await paymentCount(ref.url, account)).toBe(1);
     } finally {
       await ref.close();
     }
