@@ -80,7 +80,7 @@ async function backlog(name: string, n: number): Promise<void> {
   }
 }
 
-/** Wrap a pool so that every statement sent (`execute` and `query`) is counted. */
+/** Wrap a pool so that every statement sent (`execute` and `query`) is counted. Stores over it run no background purge, whose statements would count too. */
 function counted(pool: MysqlQueryable): MysqlQueryable & { count: number } {
   const wrapper = {
     count: 0,
@@ -128,7 +128,7 @@ defineStoreConformance(
 describe('mysql store', () => {
   it('detects RETURNING once, then uses one statement per operation (MariaDB)', async () => {
     const pool = counted(newPool());
-    const store = mysqlStore({ pool, table });
+    const store = mysqlStore({ pool, table, purge: false });
     const id = newId();
     const claim = await store.claim(id, LONG);
     if (claim.status !== 'acquired') throw new Error('expected acquired');
@@ -150,7 +150,7 @@ describe('mysql store', () => {
 
   it('without RETURNING: a won claim is one statement, a lost one two', async () => {
     const pool = counted(newPool());
-    const store = mysqlStore({ pool, table: plainTable, returning: false });
+    const store = mysqlStore({ pool, table: plainTable, returning: false, purge: false });
     const id = newId();
     const claim = await store.claim(id, LONG);
     if (claim.status !== 'acquired') throw new Error('expected acquired');
@@ -192,7 +192,7 @@ describe('mysql store', () => {
         for (let round = 0; round < 3; round++) {
           const id = newId();
           const counters = connections.map((connection) => counted(connection));
-          const stores = counters.map((pool) => mysqlStore({ pool, table: name, returning }));
+          const stores = counters.map((pool) => mysqlStore({ pool, table: name, returning, purge: false }));
           const results = await Promise.all(
             Array.from({ length: 100 }, (_, i) => stores[i % stores.length]!.claim(id, LONG)),
           );
@@ -213,7 +213,7 @@ describe('mysql store', () => {
       [plainTable, false, 52],
     ] as const) {
       const pool = counted(newPool());
-      const store = mysqlStore({ pool, table: name, returning });
+      const store = mysqlStore({ pool, table: name, returning, purge: false });
       const done = newId();
       const claimed = await store.claim(done, LONG);
       if (claimed.status !== 'acquired') throw new Error('expected acquired');

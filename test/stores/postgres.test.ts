@@ -76,7 +76,7 @@ async function backlog(name: string, n: number): Promise<void> {
   await admin.query(`ANALYZE "${name}"`);
 }
 
-/** Wrap a pool so that every query (one round trip each: named statements are prepared on the same trip) is counted. */
+/** Wrap a pool so that every query (one round trip each: named statements are prepared on the same trip) is counted. Stores over it run no background purge, whose statements would count too. */
 function counted(pool: PgQueryable): PgQueryable & { count: number } {
   const wrapper = {
     count: 0,
@@ -111,7 +111,7 @@ defineStoreConformance(
 describe('postgres store', () => {
   it('uses one round trip per operation', async () => {
     const pool = counted(newPool());
-    const store = postgresStore({ pool, table });
+    const store = postgresStore({ pool, table, purge: false });
     const id = newId();
     const claim = await store.claim(id, LONG);
     if (claim.status !== 'acquired') throw new Error('expected acquired');
@@ -157,7 +157,7 @@ describe('postgres store', () => {
       for (let round = 0; round < 3; round++) {
         const id = newId();
         const counters = clients.map((client) => counted(client));
-        const stores = counters.map((c) => postgresStore({ pool: c, table }));
+        const stores = counters.map((c) => postgresStore({ pool: c, table, purge: false }));
         const results = await Promise.all(Array.from({ length: 100 }, (_, i) => stores[i % stores.length]!.claim(id, LONG)));
         expect(results.filter((r) => r.status === 'acquired')).toHaveLength(1);
         expect(results.filter((r) => r.status === 'in_progress')).toHaveLength(99);
@@ -174,7 +174,7 @@ describe('postgres store', () => {
 
   it('claims a batch in one round trip, a repeated id once', async () => {
     const pool = counted(newPool());
-    const store = postgresStore({ pool, table });
+    const store = postgresStore({ pool, table, purge: false });
     const done = newId();
     const claimed = await store.claim(done, LONG);
     if (claimed.status !== 'acquired') throw new Error('expected acquired');
