@@ -339,9 +339,12 @@ describe('oncely/koa: throws, streams, hijacked responses and clients that leave
 
   it('a client that hangs up mid-handler: the answer that still comes is stored', async () => {
     let done!: () => void;
+    let began!: () => void;
     const finished = new Promise<void>((r) => (done = r));
+    const started = new Promise<void>((r) => (began = r));
     const app = await start(async (ctx, run) => {
       const count = run();
+      began();
       await sleep(300);
       ctx.status = 201;
       ctx.body = { count };
@@ -358,7 +361,7 @@ describe('oncely/koa: throws, streams, hijacked responses and clients that leave
     });
     req.on('error', () => undefined);
     req.end('{"amount":1}');
-    await sleep(100);
+    await started;
     req.destroy();
     await finished;
     const retry = await post(app.url, key);
@@ -418,7 +421,7 @@ describe('oncely/koa: the handler, routes and settings', () => {
     app.silent = true;
     const oncely = idempotency({ store: memoryStore(), scope: false });
     let runs = 0;
-    app.use(oncely.with({ ttlMs: 300 }));
+    app.use(oncely.with({ ttlMs: 1_500 }));
     app.use((ctx) => {
       runs++;
       ctx.status = 201;
@@ -431,7 +434,7 @@ describe('oncely/koa: the handler, routes and settings', () => {
     const key = newKey();
     await post(url, key);
     expect((await post(url, key)).headers.get(REPLAYED_HEADER)).toBe('true');
-    await sleep(600);
+    await sleep(2_000);
     expect((await post(url, key)).headers.get(REPLAYED_HEADER)).toBeNull();
     expect(runs).toBe(2);
   });

@@ -39,7 +39,7 @@ import { FastifyAdapter } from '@nestjs/platform-fastify';
 import { REPLAYED_HEADER } from 'oncely';
 import { type IdempotencyContext as Run, IdempotencyContext, Idempotent, idempotencyOf, OncelyInterceptor, OncelyModule } from 'oncely/nestjs';
 import { memoryStore } from 'oncely/stores/memory';
-import { interval, map, type Observable, take } from 'rxjs';
+import { map, type Observable, Subject } from 'rxjs';
 import { afterEach, describe, expect, it } from 'vitest';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -166,12 +166,12 @@ describe.each<Platform>(['express', 'fastify'])('oncely/nestjs on %s', (platform
     });
 
     it('per-route settings: a route TTL of its own; invalid settings are refused when the class is declared', async () => {
-      const { Payments, state } = paymentsController({ create: Idempotent({ ttlMs: 300 }) });
+      const { Payments, state } = paymentsController({ create: Idempotent({ ttlMs: 1_500 }) });
       const url = await start(platform, { imports: [OncelyModule.forRoot({ store: memoryStore(), scope: false })], controllers: [Payments] });
       const key = newKey();
       await call(url, '/payments', key);
       expect((await call(url, '/payments', key)).headers.get(REPLAYED_HEADER)).toBe('true');
-      await sleep(600);
+      await sleep(2_000);
       expect((await call(url, '/payments', key)).headers.get(REPLAYED_HEADER)).toBeNull();
       expect(state.runs).toBe(2);
       expect(() => Idempotent({ ttlMs: 0 })).toThrow(/ttlMs/);
@@ -385,25 +385,27 @@ describe.each<Platform>(['express', 'fastify'])('oncely/nestjs on %s', (platform
 
     it('an @Sse() route marked @Idempotent() streams its events as they come and completes with a marker', async () => {
       let runs = 0;
+      const events = new Subject<{ data: { i: number } }>();
       class Events {
         stream() {
           runs++;
-          return interval(100).pipe(
-            take(3),
-            map((i) => ({ data: { i } })),
-          );
+          return events;
         }
       }
       Controller('events')(Events);
       on(Events, 'stream', Sse(), Idempotent());
       const url = await start(platform, { imports: [OncelyModule.forRoot({ store: memoryStore(), scope: false })], controllers: [Events] });
       const key = newKey();
-      const started = Date.now();
-      const res = await fetch(`${url}/events`, { headers: { 'idempotency-key': key } });
-      // The head is not held until the stream ends.
-      expect(Date.now() - started).toBeLessThan(250);
-      expect(res.headers.get('content-type')).toMatch(/text\/event-stream/);
-      const text = await res.text();
+      // The head goes out before any event: were it held until the stream ends, this would never answer.
+      const res = await Promise.race([
+        fetch(`${url}/events`, { headers: { 'idempotency-key': key } }),
+        sleep(10_000).then(() => undefined),
+      ]);
+      if (res === undefined) events.complete(); // let the app close
+      expect(res?.headers.get('content-type')).toMatch(/text\/event-stream/);
+      for (const i of [0, 1, 2]) events.next({ data: { i } });
+      events.complete();
+      const text = await res!.text();
       expect(text.match(/data: /g)).toHaveLength(3);
       const retry = await call(url, '/events', key, undefined, {}, 'GET');
       expect(retry.status).toBe(409);
@@ -414,10 +416,13 @@ describe.each<Platform>(['express', 'fastify'])('oncely/nestjs on %s', (platform
     it('a client that hangs up mid-handler: the answer that still comes is stored', async () => {
       let runs = 0;
       let done!: () => void;
+      let began!: () => void;
       const finished = new Promise<void>((r) => (done = r));
+      const started = new Promise<void>((r) => (began = r));
       class Slow {
         async create() {
           runs++;
+          began();
           await sleep(300);
           setTimeout(done, 50);
           return { runs };
@@ -437,7 +442,7 @@ describe.each<Platform>(['express', 'fastify'])('oncely/nestjs on %s', (platform
       });
       req.on('error', () => undefined);
       req.end('{"amount":1}');
-      await sleep(100);
+      await started;
       req.destroy();
       await finished;
       const retry = await call(url, '/slow', key);
