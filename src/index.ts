@@ -16,6 +16,7 @@ export type {
   Refused,
   Settled,
   Settlement,
+  StepContext,
   WaitOptions,
 } from './engine/engine.js';
 export type { Disposable, OncelyEventName, OncelyEvents, OncelyHooks, OncelyListener } from './engine/events.js';
@@ -45,6 +46,9 @@ export type {
   InProgressRecord,
   StoreCapabilities,
   StoredRecord,
+  StoreSessions,
+  StoreTransaction,
+  StoreTransactions,
 } from './engine/store.js';
 export { newToken } from './engine/token.js';
 export * from './errors/index.js';

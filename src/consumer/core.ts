@@ -1,4 +1,4 @@
-import { type Begun, type Claim, type Engine, engineFrom, type Performed } from '../engine/engine.js';
+import { type Begun, type Claim, type Engine, engineFrom, type Performed, type StepContext } from '../engine/engine.js';
 import { type RecordIdSecret, recordIdFor } from '../engine/fingerprint.js';
 import { type Disposable, TypedEmitter } from '../engine/events.js';
 import type { IdempotencyStore } from '../engine/store.js';
@@ -31,6 +31,8 @@ export interface ConsumerContext<M> {
    * fails, nothing happened and the message is not acknowledged.
    */
   transaction<C = unknown>(): Promise<C>;
+  /** A recovery point (see `Claim.step`): `fn` runs once for this message; a redelivery resumes after it. */
+  step<T>(name: string, fn: (step: StepContext) => T | Promise<T>): Promise<T>;
 }
 
 /**
@@ -460,6 +462,7 @@ export class IdempotentConsumer<M> {
             signal: claim.signal,
             takeover: claim.takeover,
             transaction: () => claim.transaction(),
+            step: (name, fn) => claim.step(name, fn),
           });
         } finally {
           clearInterval(ticker);

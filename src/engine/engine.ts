@@ -8,6 +8,9 @@ import {
   StoreUnavailableError,
 } from '../errors/index.js';
 import { type Disposable, OncelyEmitter, type OncelyEventName, type OncelyHooks, type OncelyListener } from './events.js';
+import { deriveKey } from '../client/derive.js';
+import { recordId } from './fingerprint.js';
+import { decodeResult, encodeResult } from './result.js';
 import { DEFAULT_SESSION_TTL_MS, type ProcessSession, type SessionWatcher, sessionOf } from './session.js';
 import type { ClaimAcquired, ClaimInput, ClaimResult, CompletedRecord, IdempotencyStore, StoreTransaction } from './store.js';
 
@@ -461,6 +464,20 @@ export class Engine {
   }
 }
 
+/** What a recovery point's work receives: see {@link Claim.step}. */
+export interface StepContext {
+  /**
+   * The step's own idempotency key, derived from the operation and the
+   * step's name: send it downstream (`Idempotency-Key`), so that a step cut
+   * off mid-call and run again is recognised by the service it calls.
+   */
+  readonly key: string;
+  /** The operation's lease signal. */
+  readonly signal: AbortSignal;
+  /** True when this step runs again after an earlier attempt of it was cut off. */
+  readonly takeover: boolean;
+}
+
 /** The states of a {@link Claim}: held until settled, or abandoned to its lease. */
 type ClaimState = 'held' | 'abandoned' | 'settling' | 'settled';
 
@@ -502,6 +519,8 @@ export class Claim implements SessionWatcher {
   #marker: string | undefined;
   readonly #session: ProcessSession | undefined;
   #transaction: Promise<StoreTransaction> | undefined;
+  // Claims of this operation's steps while they run: they never outlive it.
+  #steps: Set<Claim> | undefined;
 
   /** @internal Made by the engine, which has just won the claim. */
   constructor(engine: Engine, id: string, acquired: ClaimAcquired, sentAt: number, leaseMs: number, ttlMs: number) {
@@ -570,6 +589,7 @@ export class Claim implements SessionWatcher {
     if (this.#lostReason !== undefined) return;
     this.#lostReason = new LeaseLostError();
     this.#session?.unwatch(this);
+    if (this.#steps) for (const step of this.#steps) step.abandon();
     clearTimeout(this.#deadlineTimer);
     this.#engine.emit('leaseLost', { id: this.id });
     this.#abort?.abort(this.#lostReason);
@@ -649,6 +669,7 @@ export class Claim implements SessionWatcher {
     this.#state = 'abandoned';
     this.#stopRenewing();
     this.#armDeadline();
+    if (this.#steps) for (const step of this.#steps) step.abandon();
   }
 
   /**
@@ -694,6 +715,56 @@ export class Claim implements SessionWatcher {
     if (this.settling) throw new ConfigError('This operation is already settled; its transaction is closed.');
     this.#transaction ??= transactions.open(this.id, this.token);
     return (await this.#transaction).client as C;
+  }
+
+  /**
+   * A recovery point: run `fn` once for this operation and keep its result.
+   * A later attempt of the operation (a retry after a crash or a failure)
+   * gets the stored result back instead of running `fn` again, and so
+   * resumes after the last completed step. A step cut off mid-way runs
+   * again on the next attempt, under the same derived `key`: pass it to the
+   * service it calls. The result is stored as JSON (`undefined` too); a
+   * step that throws stores nothing.
+   *
+   * @example
+   * ```ts
+   * const reservation = await claim.step('reserve', () => inventory.reserve(order));
+   * const payment = await claim.step('pay', ({ key }) => payments.charge(order.total, { idempotencyKey: key }));
+   * ```
+   */
+  async step<T>(name: string, fn: (step: StepContext) => T | Promise<T>): Promise<T> {
+    if (typeof name !== 'string' || name.length === 0) throw new ConfigError('A step needs a non-empty name.');
+    if (this.settling) throw new ConfigError(`Step ${JSON.stringify(name)} was asked for after the operation settled.`);
+    const engine = this.#engine;
+    const id = recordId(name, this.id, 'oncely:step');
+    // An attempt cut off while it ran this step holds it until its session or lease ends: wait that long at most.
+    const begun = await engine.begin({
+      id,
+      fingerprint: null,
+      leaseMs: this.#leaseMs,
+      ttlMs: this.ttlMs,
+      wait: { timeoutMs: this.#leaseMs + 1_000 },
+    });
+    switch (begun.kind) {
+      case 'replay':
+        return decodeResult<T>(begun.record.outcome);
+      case 'bypass':
+        return fn({ key: deriveKey(this.id, name), signal: this.signal, takeover: false });
+      case 'run':
+        break;
+      default:
+        throw begun.error;
+    }
+    const step = begun.claim;
+    (this.#steps ??= new Set()).add(step);
+    if (this.#state === 'abandoned' || this.lost) step.abandon();
+    const performed = await step.perform<T>({
+      run: () => fn({ key: deriveKey(this.id, name), signal: this.signal, takeover: step.takeover }),
+      settle: (value) => ({ kind: 'complete', outcome: encodeResult(value) }),
+    });
+    this.#steps.delete(step);
+    if (!performed.ok) throw performed.error;
+    return performed.value;
   }
 
   /** True once {@link Claim.transaction} was asked for: the completion commits with the business writes. */

@@ -1,7 +1,8 @@
 import { AsyncLocalStorage } from 'node:async_hooks';
-import { ConfigError, NotReplayableError, RolledBackError } from '../errors/index.js';
-import { checkDuration, type Engine, type EngineOptions, engineFrom, type WaitOptions } from './engine.js';
+import { ConfigError, RolledBackError } from '../errors/index.js';
+import { checkDuration, type Engine, type EngineOptions, engineFrom, type StepContext, type WaitOptions } from './engine.js';
 import { fingerprintOf, type RecordIdSecret, recordIdFor } from './fingerprint.js';
+import { decodeResult, encodeFinalError, encodeResult } from './result.js';
 
 /** What a wrapped function can learn about its own run (the last argument is not touched; use {@link currentRun}). */
 export interface RunContext {
@@ -20,6 +21,8 @@ export interface RunContext {
    * `RolledBackError` and nothing happened.
    */
   transaction<C = unknown>(): Promise<C>;
+  /** A recovery point (see `Claim.step`): `fn` runs once for this call's key; a retry resumes after it. */
+  step<T>(name: string, fn: (step: StepContext) => T | Promise<T>): Promise<T>;
 }
 
 /** Options of {@link idempotent}. */
@@ -54,16 +57,6 @@ export interface IdempotentOptions<A extends unknown[]> extends Partial<EngineOp
   isFinal?: (error: unknown) => boolean;
 }
 
-interface StoredValue {
-  /** Result value, JSON. */
-  v?: unknown;
-  /** The result was `undefined`. */
-  u?: 1;
-  /** A final error: name, message, code. */
-  e?: { name: string; message: string; code?: unknown };
-  /** The call completed, but its result could not be stored as JSON: never run again, never replayed. */
-  m?: 1;
-}
 
 const runs = new AsyncLocalStorage<RunContext>();
 
@@ -123,7 +116,7 @@ export function idempotent<A extends unknown[], R>(
     const begun = await engine.begin({ id, fingerprint: fp, scope, leaseMs, ttlMs, wait });
     switch (begun.kind) {
       case 'replay':
-        return revive<R>(begun.record.outcome);
+        return decodeResult<R>(begun.record.outcome);
       case 'bypass':
         return fn(...args);
       case 'run':
@@ -134,11 +127,11 @@ export function idempotent<A extends unknown[], R>(
     const { claim } = begun;
     const performed = await claim.perform<R>({
       run: () =>
-        runs.run({ key, id, takeover: claim.takeover, signal: claim.signal, transaction: () => claim.transaction() }, () =>
+        runs.run({ key, id, takeover: claim.takeover, signal: claim.signal, transaction: () => claim.transaction(), step: (name, stepFn) => claim.step(name, stepFn) }, () =>
           fn(...args),
         ),
-      settle: (result) => ({ kind: 'complete', outcome: storedResult(result) }),
-      failure: (error) => (isFinal(error) ? { kind: 'complete', outcome: storedError(error) } : undefined),
+      settle: (result) => ({ kind: 'complete', outcome: encodeResult(result) }),
+      failure: (error) => (isFinal(error) ? { kind: 'complete', outcome: encodeFinalError(error) } : undefined),
     });
     // Transactional mode: a result whose writes did not commit never reaches the caller as if they had.
     if (claim.transactional && performed.ok && performed.settled !== 'stored') {
@@ -147,46 +140,4 @@ export function idempotent<A extends unknown[], R>(
     if (performed.ok) return performed.value;
     throw performed.error;
   };
-}
-
-/** The result as stored: JSON, or a marker when JSON cannot hold it (the effect ran; it must never run again). */
-function storedResult(result: unknown): string {
-  if (result === undefined) return JSON.stringify({ u: 1 } satisfies StoredValue);
-  try {
-    const json = JSON.stringify({ v: result } satisfies StoredValue);
-    if (json !== undefined) return json;
-  } catch {
-    // BigInt, a cycle, a throwing toJSON: fall through to the marker.
-  }
-  return JSON.stringify({ m: 1 } satisfies StoredValue);
-}
-
-function storedError(error: unknown): string {
-  const e = error as { name?: unknown; message?: unknown; code?: unknown } | null;
-  const stored: StoredValue = { e: { name: String(e?.name ?? 'Error'), message: String(e?.message ?? error), code: e?.code } };
-  try {
-    return JSON.stringify(stored);
-  } catch {
-    return JSON.stringify({ e: { name: stored.e!.name, message: stored.e!.message } } satisfies StoredValue);
-  }
-}
-
-function revive<R>(outcome: string): R {
-  const stored = JSON.parse(outcome) as StoredValue;
-  if (stored.m) {
-    throw new NotReplayableError(
-      200,
-      undefined,
-      'The call completed, but its result could not be stored as JSON, so it is not repeated and cannot be replayed.',
-    );
-  }
-  if (stored.e) {
-    const error = new Error(stored.e.message) as Error & { code?: unknown; replayed: true; final: true };
-    error.name = stored.e.name;
-    if (stored.e.code !== undefined) error.code = stored.e.code;
-    error.replayed = true;
-    error.final = true;
-    throw error;
-  }
-  return (stored.u ? undefined : stored.v) as R;
 }

@@ -1,4 +1,4 @@
-import { type Claim, checkDuration, type Engine, type EngineOptions, engineFrom, type Settled, type WaitOptions } from '../engine/engine.js';
+import { type Claim, checkDuration, type StepContext, type Engine, type EngineOptions, engineFrom, type Settled, type WaitOptions } from '../engine/engine.js';
 import { type FingerprintInput, fingerprintOf, fingerprintV1, type RecordIdSecret, recordIdFor } from '../engine/fingerprint.js';
 import { parseIdempotencyKey } from '../engine/key.js';
 import { isThenable } from '../engine/thenable.js';
@@ -108,6 +108,17 @@ export interface IdempotencyContext {
    * ```
    */
   transaction<C = unknown>(): Promise<C>;
+  /**
+   * A recovery point (see `Claim.step`): `fn` runs once for this request's
+   * key; a retry after a crash gets its stored result and resumes after it.
+   * Pass `step.key` to the service the step calls.
+   *
+   * @example
+   * ```ts
+   * const charge = await req.idempotency!.step('pay', ({ key }) => psp.charge(2500, { idempotencyKey: key }));
+   * ```
+   */
+  step<T>(name: string, fn: (step: StepContext) => T | Promise<T>): Promise<T>;
 }
 
 /** Settings a single route may change. */
@@ -187,6 +198,11 @@ class Run implements HttpRun, IdempotencyContext {
   readonly decide = (decision: OutcomeDecision): void => {
     this.decision = decision;
   };
+
+  step<T>(name: string, fn: (step: StepContext) => T | Promise<T>): Promise<T> {
+    if (this.claim === null) return Promise.resolve(fn({ key: `${this.key}:${name}`, signal: neverAborted, takeover: false }));
+    return this.claim.step(name, fn);
+  }
 
   transaction<C = unknown>(): Promise<C> {
     if (this.claim === null) {
