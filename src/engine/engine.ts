@@ -756,7 +756,8 @@ export class Claim implements SessionWatcher {
         throw begun.error;
     }
     const step = begun.claim;
-    (this.#steps ??= new Set()).add(step);
+    this.#steps ??= new Set();
+    this.#steps.add(step);
     if (this.#state === 'abandoned' || this.lost) step.abandon();
     const performed = await step.perform<T>({
       run: () => fn({ key: deriveKey(this.id, name), signal: this.signal, takeover: step.takeover }),
