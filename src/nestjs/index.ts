@@ -43,7 +43,6 @@ import {
   SetMetadata,
   StreamableFile,
 } from '@nestjs/common';
-import { Observable, type Subscription } from 'rxjs';
 import { checkDuration } from '../engine/engine.js';
 import { BodyInvalidError, BodyTooLargeError, ConfigError, isOncelyError } from '../errors/index.js';
 import {
@@ -134,6 +133,20 @@ interface FastifyLikeReply {
 }
 
 type Body = HttpRequestView<unknown>['body'];
+
+/**
+ * rxjs's Observable, by way of Nest's types: oncely declares no dependency
+ * on rxjs (a peer of @nestjs/common), so it neither imports it nor names it
+ * in its declarations.
+ */
+type Stream = ReturnType<CallHandler['handle']>;
+type Subscription = ReturnType<Stream['subscribe']>;
+interface Subscriber {
+  next(value: unknown): void;
+  error(error: unknown): void;
+  complete(): void;
+}
+type StreamClass = new (subscribe: (subscriber: Subscriber) => () => void) => Stream;
 
 const ONCELY = Symbol('oncely');
 const IDEMPOTENT = 'oncely:idempotent';
@@ -333,16 +346,20 @@ export class OncelyInterceptor implements NestInterceptor {
   }
 
   /** Take the request under a claim, answer it from the store, or let it through. */
-  intercept(context: ExecutionContext, next: CallHandler): Observable<unknown> {
-    if (context.getType() !== 'http') return next.handle();
+  intercept(context: ExecutionContext, next: CallHandler): Stream {
+    // Lazy: nothing runs until it is subscribed to.
+    const handled = next.handle();
+    if (context.getType() !== 'http') return handled;
     const http = context.switchToHttp();
     const req = http.getRequest<AnyRequest>();
     const settings = this.#settingsOf(context, req.method);
-    if (settings === undefined || taken.has(req)) return next.handle();
+    if (settings === undefined || taken.has(req)) return handled;
     taken.add(req);
     const res = http.getResponse<ServerResponse | FastifyLikeReply>();
     const sse = Reflect.getMetadata(SSE, context.getHandler()) !== undefined;
-    return new Observable<unknown>((subscriber) => {
+    // An Observable of the rxjs Nest runs on, without importing rxjs (see Stream).
+    const Observable = handled.constructor as StreamClass;
+    return new Observable((subscriber) => {
       let inner: Subscription | undefined;
       let closed = false;
       this.#begin(req, res, settings).then(
@@ -350,7 +367,7 @@ export class OncelyInterceptor implements NestInterceptor {
           // Answered here (a replay, a problem): never emit, so Nest sends nothing more.
           if (run === 'answered') return;
           if (run === 'pass') {
-            if (!closed) inner = next.handle().subscribe(subscriber);
+            if (!closed) inner = handled.subscribe(subscriber);
             return;
           }
           if (closed) {
@@ -363,7 +380,7 @@ export class OncelyInterceptor implements NestInterceptor {
           if (sse) held.stream();
           // The client hung up while the claim was taken: its 'close' has passed already.
           if (raw.destroyed) this.#oncely.core.gone(run);
-          inner = next.handle().subscribe({
+          inner = handled.subscribe({
             next: (value) => {
               if (value instanceof StreamableFile) held.stream(value.getStream());
               subscriber.next(value);
