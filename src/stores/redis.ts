@@ -509,7 +509,7 @@ async function sendRaw(client: NodeRedisCommandsLike, s: Script, calls: Call[], 
   return { answers, acked: w === undefined ? Number.POSITIVE_INFINITY : w.ok ? int(w.value) : 0 };
 }
 
-function makeReplicator(client: RedisClientLike, cluster: boolean, replication: RedisReplicationOptions): Replicator {
+function makeReplicator(client: RedisClientLike, cluster: () => boolean, replication: RedisReplicationOptions): Replicator {
   const s = SCRIPTS.batch;
   const wait = ['WAIT', String(replication.replicas), String(Math.ceil(replication.timeoutMs))];
   const io = client as Partial<IoredisReplicationLike> & Partial<IoredisLike>;
@@ -520,7 +520,7 @@ function makeReplicator(client: RedisClientLike, cluster: boolean, replication: 
     const c = client as unknown as IoredisReplicationLike;
     return {
       nodeOf(slot) {
-        if (!cluster) return '';
+        if (!cluster()) return '';
         // The same grouping ioredis makes: a pipeline may only hold keys of slots served by the same nodes.
         const nodes = Array.isArray(c.slots) ? (c.slots[slot] as unknown) : undefined;
         return Array.isArray(nodes) && nodes.length > 0 ? nodes.join(';') : `slot ${slot}`;
@@ -549,7 +549,7 @@ function makeReplicator(client: RedisClientLike, cluster: boolean, replication: 
       },
     };
   }
-  if (!cluster) {
+  if (!cluster()) {
     const c = client as Partial<NodeRedisCommandsLike>;
     if (typeof c.sendCommand !== 'function') {
       throw new ConfigError('redisStore: `replication` needs a node-redis client with sendCommand().');
@@ -689,7 +689,8 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
   let cluster = options.cluster ?? detectCluster(client);
   const coalesce = options.coalesce ?? true;
   const replication = checkReplication(options.replication);
-  const replicator = replication ? makeReplicator(client, cluster, replication) : undefined;
+  // A getter: a cluster client found out late (CROSSSLOT) is grouped by node from then on.
+  const replicator = replication ? makeReplicator(client, () => cluster, replication) : undefined;
   const keyOf = (id: string): string => `${prefix}:{${id}}`;
 
   // Operations waiting for the end of this turn of the event loop. They go
