@@ -93,8 +93,8 @@ export function idempotent<A extends unknown[], R>(
   if (typeof options?.key !== 'function') throw new ConfigError('idempotent() needs a `key` function.');
   // Lease, retention and wait are this wrapper's own settings (passed per call), so they go with an
   // `engine` too; the store-wide ones follow the one rule: an engine, or its options.
-  const { leaseMs, ttlMs, wait, store, storeTimeoutMs, failOpen, hooks } = options;
-  const engine = engineFrom({ engine: options.engine, store, storeTimeoutMs, failOpen, hooks }, 'idempotent()');
+  const { leaseMs, ttlMs, wait, store, storeTimeoutMs, failOpen, hooks, sessions } = options;
+  const engine = engineFrom({ engine: options.engine, store, storeTimeoutMs, failOpen, hooks, sessions }, 'idempotent()');
   checkDuration('leaseMs', leaseMs);
   checkDuration('ttlMs', ttlMs);
   // Two wrappers sharing a namespace share their keys: an empty name

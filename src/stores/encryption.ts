@@ -33,7 +33,7 @@
  * @module
  */
 import { createCipheriv, createDecipheriv, createHash, randomBytes } from 'node:crypto';
-import type { ClaimInput, ClaimResult, CompletedRecord, IdempotencyStore, StoredRecord } from '../engine/store.js';
+import type { ClaimInput, ClaimResult, CompletedRecord, IdempotencyStore, StoredRecord, StoreTransactions } from '../engine/store.js';
 import { ConfigError, DecryptFailedError } from '../errors/index.js';
 
 /** The first field of every sealed outcome: the envelope's version. */
@@ -319,6 +319,22 @@ export function withEncryption(store: IdempotencyStore, options: EncryptionOptio
     purgeExpired: (limit) => store.purgeExpired(limit),
     close: () => store.close(),
   };
+  if (store.sessions !== undefined) Object.assign(wrapped, { sessions: store.sessions });
+  const transactions = store.transactions;
+  if (transactions !== undefined) {
+    // Transactional mode: the outcome committed with the business writes is sealed like any other.
+    const sealed: StoreTransactions = {
+      async open(id, token) {
+        const transaction = await transactions.open(id, token);
+        return {
+          client: transaction.client,
+          commit: (outcome, ttlMs) => transaction.commit(cipher.seal(id, outcome), ttlMs),
+          rollback: () => transaction.rollback(),
+        };
+      },
+    };
+    Object.assign(wrapped, { transactions: sealed });
+  }
   const claimMany = store.claimMany;
   if (claimMany !== undefined) {
     wrapped.claimMany = async (ids, input) => {

@@ -231,6 +231,9 @@ export function withReplayCache(store: IdempotencyStore, options: ReplayCacheOpt
       await store.close();
     },
   };
+  // Sessions and transactions pass through: a replay is only ever cached from a claim's answer.
+  if (store.sessions !== undefined) Object.assign(wrapped, { sessions: store.sessions });
+  if (store.transactions !== undefined) Object.assign(wrapped, { transactions: store.transactions });
   const claimMany = store.claimMany;
   if (claimMany !== undefined) {
     wrapped.claimMany = async (ids, input) => {

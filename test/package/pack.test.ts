@@ -48,6 +48,8 @@ const PUBLIC_SUBPATHS = [
   './express',
   './fastify',
   './fetch',
+  './koa',
+  './nestjs',
   './package.json',
   './stores/encryption',
   './stores/memory',
