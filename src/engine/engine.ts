@@ -533,7 +533,7 @@ export class Claim implements SessionWatcher {
     this.#leaseUntil = sentAt + leaseMs;
     this.#session = engine.session;
     this.#session?.watch(this);
-    this.#scheduleRenewal();
+    this.#scheduleRenewal(sentAt);
   }
 
   /** Aborts when the lease is lost; pass it to the work so that it can stop early. */
@@ -595,8 +595,11 @@ export class Claim implements SessionWatcher {
     this.#abort?.abort(this.#lostReason);
   }
 
-  #scheduleRenewal(): void {
-    this.#renewTimer = setTimeout(() => void this.#renew(), Math.max(10, Math.floor(this.#leaseMs / 3)));
+  // The next renewal is due a third of the lease after the last one was SENT: an answer that
+  // came late must not push it (and so the deadline check) past the deadline.
+  #scheduleRenewal(sentAt: number): void {
+    const due = sentAt + Math.max(10, Math.floor(this.#leaseMs / 3));
+    this.#renewTimer = setTimeout(() => void this.#renew(), Math.max(0, due - Date.now()));
     this.#renewTimer.unref();
   }
 
@@ -644,7 +647,7 @@ export class Claim implements SessionWatcher {
         return;
       }
     }
-    this.#scheduleRenewal();
+    this.#scheduleRenewal(sentAt);
   }
 
   #stopRenewing(): void {

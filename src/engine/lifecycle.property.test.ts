@@ -42,10 +42,10 @@ import type { ClaimInput, ClaimResult, IdempotencyStore, StoredRecord } from './
 const LEASE = 300;
 // Short enough that completed records expire within a sequence, so keys are reused.
 const TTL = 1_500;
-// Half the lease, far above the default ratio (2 s of 30 s), so that answers
-// come late and calls time out yet land. Kept below 2/3 of the lease: see the
-// known bug at the end of this file.
-const STORE_TIMEOUT = 150;
+// Above 2/3 of the lease, far above the default ratio (2 s of 30 s), so that
+// answers come late (even past the next renewal's due time) and calls time
+// out yet land.
+const STORE_TIMEOUT = 250;
 const KEYS = 3;
 const FINGERPRINT = 'f';
 const START = Date.UTC(2030, 0, 1);
@@ -609,19 +609,14 @@ describe.each(STORES)('claim lifecycle on the $name store (property)', ({ name, 
   }, 600_000);
 
   /*
-   * Known engine bug, kept failing on purpose (`it.fails`): when a claim's or
-   * renewal's answer arrives more than 2/3 of the lease after it was sent
-   * (possible whenever storeTimeoutMs > 2/3 of leaseMs, e.g. leaseMs 2 500
-   * with the default storeTimeoutMs 2 000), the next renewal is scheduled
-   * leaseMs/3 after the answer, hence after the local deadline, and the
-   * deadline timer is not armed in between: `claim.signal` fires only when
-   * that renewal starts, here 40 ms late, while another worker has already
-   * taken the lease over. Found by this property with STORE_TIMEOUT = 250;
-   * the main property keeps answers within 2/3 of the lease until it is
-   * fixed. When this test starts failing, drop `.fails` and raise
-   * STORE_TIMEOUT above 2/3 of LEASE.
+   * Was an engine bug, found by this property with STORE_TIMEOUT = 250: when
+   * a claim's or renewal's answer arrived more than 2/3 of the lease after
+   * it was sent, the next renewal was scheduled leaseMs/3 after the answer,
+   * after the local deadline, so `claim.signal` fired late while another
+   * worker had already taken the lease over. Renewals are now due a third of
+   * the lease after the last one was sent.
    */
-  it.fails('fires the signal at the deadline even when an answer took over 2/3 of the lease', async () => {
+  it('fires the signal at the deadline even when an answer took over 2/3 of the lease', async () => {
     vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout', 'setInterval', 'clearInterval', 'Date'] });
     vi.setSystemTime(START);
     const { store, close } = open();
