@@ -25,10 +25,12 @@
  */
 import { createHash } from 'node:crypto';
 import type {
+  ClaimInput,
   ClaimResult,
   IdempotencyStore,
   StoreCapabilities,
   StoredRecord,
+  StoreSessions,
 } from '../engine/store.js';
 import { newToken } from '../engine/token.js';
 import { ConfigError, StoreUnavailableError } from '../errors/index.js';
@@ -186,12 +188,16 @@ export interface RedisStore extends IdempotencyStore {
   readonly cluster: boolean;
   /** The Redis key of the hash holding record `id`: `<prefix>:{<id>}`. */
   keyOf(id: string): string;
+  /** The Redis key of process session `session` (a string with a TTL): `<prefix>:session:{<session>}`. */
+  sessionKeyOf(session: string): string;
+  /** Process sessions: a key per process with a short TTL (see the Sessions section of `docs/stores/redis.md`). */
+  readonly sessions: StoreSessions;
 }
 
 const CAPABILITIES: StoreCapabilities = { nativeTtl: true, serverClock: true, shared: true };
 
-// Arguments per operation in a batch: its letter and up to four arguments.
-const STRIDE = 5;
+// Arguments per operation in a batch: its letter and up to six arguments.
+const STRIDE = 7;
 // Operations sent in one script at most; a longer queue goes in several.
 const MAX_BATCH = 256;
 
@@ -204,6 +210,12 @@ const MAX_BATCH = 256;
 //   k  '1' when the current owner took over an expired lease (in progress only)
 //   e  expiry, epoch ms; the key's PEXPIREAT is always exactly this
 //   o  outcome (completed only)
+//   w  owner: the claiming process's session id (in progress only, when it has one)
+//
+// A process session is a string key `<prefix>:session:{<session id>}` with a
+// short TTL that the process's heartbeat keeps setting: the session is alive
+// while the key exists. It is in a slot of its own, so a claim script cannot
+// read it: the engine asks alive() first and then claims with takeoverFrom.
 
 // Shared Lua: the server clock, and integers written without float formatting.
 const PRELUDE = `
@@ -221,13 +233,22 @@ local function int(n) return string.format('%d', n) end
 // claim answers
 //   {'a', leaseUntil, takeover}  acquired (with the token passed for it)
 //   {'c', fingerprint, expiresAt, outcome}
-//   {'p', fingerprint, leaseUntil, now}
+//   {'p', fingerprint, leaseUntil, now, owner}  owner '' when none is stored
+// `owner` is the claiming process's session ('' for none), stored as 'w'.
+// `from` ('' for none) is a dead session the engine found: a record in
+// progress under exactly that owner is taken over whatever its lease, under
+// the same fingerprint rule as an expired lease. An owner that changed
+// meanwhile (someone else took over first) does not match.
 // renew, complete and release answer 1 when they changed the record, else 0.
 const OPERATIONS = `
-local function claim(key, token, fp, lease, keep, now)
-  local r = redis.call('HMGET', key, 's', 't', 'f', 'l', 'e', 'o', 'k')
+local function claim(key, token, fp, lease, keep, now, owner, from)
+  local r = redis.call('HMGET', key, 's', 't', 'f', 'l', 'e', 'o', 'k', 'w')
   if not r[1] then
-    redis.call('HSET', key, 's', 'p', 't', token, 'f', fp, 'l', int(now + lease), 'e', int(now + keep), 'k', '0')
+    if owner == '' then
+      redis.call('HSET', key, 's', 'p', 't', token, 'f', fp, 'l', int(now + lease), 'e', int(now + keep), 'k', '0')
+    else
+      redis.call('HSET', key, 's', 'p', 't', token, 'f', fp, 'l', int(now + lease), 'e', int(now + keep), 'k', '0', 'w', owner)
+    end
     redis.call('PEXPIREAT', key, int(now + keep))
     return {'a', now + lease, 0}
   elseif r[1] == 'c' then
@@ -237,13 +258,19 @@ local function claim(key, token, fp, lease, keep, now)
   if r[2] == token then
     -- This very claim already ran (the client resent it after a lost reply).
     return {'a', l, tonumber(r[7]) or 0}
-  elseif l <= now and r[3] == fp then
+  elseif r[3] == fp and (l <= now or (from ~= '' and r[8] == from)) then
     local e = math.max(tonumber(r[5]) or 0, now + keep)
-    redis.call('HSET', key, 't', token, 'l', int(now + lease), 'e', int(e), 'k', '1')
+    if owner == '' then
+      redis.call('HSET', key, 't', token, 'l', int(now + lease), 'e', int(e), 'k', '1')
+      -- The dead owner must not stay named: a takeoverFrom it would take this claim.
+      if r[8] then redis.call('HDEL', key, 'w') end
+    else
+      redis.call('HSET', key, 't', token, 'l', int(now + lease), 'e', int(e), 'k', '1', 'w', owner)
+    end
     redis.call('PEXPIREAT', key, int(e))
     return {'a', now + lease, 1}
   end
-  return {'p', r[3] or '-', l, now}
+  return {'p', r[3] or '-', l, now, r[8] or ''}
 end
 
 local function renew(key, token, lease, now)
@@ -267,7 +294,7 @@ local function complete(key, token, outcome, ttl, now)
   if r[1] ~= 'p' or r[2] ~= token then return 0 end
   local e = now + ttl
   redis.call('HSET', key, 's', 'c', 'o', outcome, 'e', int(e))
-  redis.call('HDEL', key, 'l', 'k')
+  redis.call('HDEL', key, 'l', 'k', 'w')
   redis.call('PEXPIREAT', key, int(e))
   return 1
 end
@@ -278,16 +305,29 @@ local function release(key, token)
   redis.call('DEL', key)
   return 1
 end
+
+-- A session key: alive for ttl ms from now on the server clock (SET PX,
+-- which replicas receive as an absolute PXAT). The value means nothing.
+local function heartbeat(key, ttl)
+  redis.call('SET', key, '1', 'PX', ttl)
+  return 1
+end
+
+local function finish(key)
+  return redis.call('DEL', key)
+end
 `;
 
 // The one script behind claim, claimMany, renew, complete and release: a
 // batch of operations, one key each, run in order. KEYS: one per operation;
 // ARGV: ${STRIDE} per operation, the operation's letter then its arguments
 // (padded with empty strings):
-//   c token fingerprint leaseMs ttlMs   claim
-//   n token leaseMs                     renew
-//   m token outcome ttlMs               complete
-//   x token                             release
+//   c token fingerprint leaseMs ttlMs owner from   claim
+//   n token leaseMs                                renew
+//   m token outcome ttlMs                          complete
+//   x token                                        release
+//   h ttlMs                                        session heartbeat (KEY: the session key)
+//   q                                              session end (KEY: the session key)
 // Answers one entry per operation, in order. Each operation runs under
 // pcall: one that fails (a key of the wrong type, say) answers {'!', error}
 // in its own slot, and the others run and answer as usual, so one request's
@@ -307,13 +347,17 @@ for i, key in ipairs(KEYS) do
   local ok, r
   if op == 'c' then
     local lease = tonumber(ARGV[b + 4])
-    ok, r = pcall(claim, key, ARGV[b + 2], ARGV[b + 3], lease, math.max(tonumber(ARGV[b + 5]), lease), now)
+    ok, r = pcall(claim, key, ARGV[b + 2], ARGV[b + 3], lease, math.max(tonumber(ARGV[b + 5]), lease), now, ARGV[b + 6], ARGV[b + 7])
   elseif op == 'n' then
     ok, r = pcall(renew, key, ARGV[b + 2], tonumber(ARGV[b + 3]), now)
   elseif op == 'm' then
     ok, r = pcall(complete, key, ARGV[b + 2], ARGV[b + 3], tonumber(ARGV[b + 4]), now)
   elseif op == 'x' then
     ok, r = pcall(release, key, ARGV[b + 2])
+  elseif op == 'h' then
+    ok, r = pcall(heartbeat, key, tonumber(ARGV[b + 2]))
+  elseif op == 'q' then
+    ok, r = pcall(finish, key)
   else
     return redis.error_reply('oncely: unknown operation ' .. tostring(op))
   end
@@ -328,6 +372,9 @@ const GET = `return redis.call('HMGET', KEYS[1], 's', 'f', 'l', 'e', 'o')`;
 // KEYS[1]. 1 when a record existed.
 const DELETE = `return redis.call('DEL', KEYS[1])`;
 
+// KEYS[1], a session key. 1 while the session is alive (an expired key is absent to EXISTS).
+const ALIVE = `return redis.call('EXISTS', KEYS[1])`;
+
 interface Script {
   readonly source: string;
   readonly sha: string;
@@ -339,6 +386,7 @@ const SCRIPTS = {
   batch: script(BATCH),
   get: script(GET),
   delete: script(DELETE),
+  alive: script(ALIVE),
 } as const;
 
 type Runner = (s: Script, keys: string[], args: string[]) => Promise<unknown>;
@@ -634,6 +682,23 @@ function ms(name: string, value: number): string {
   return String(Math.ceil(value));
 }
 
+// Every operation takes STRIDE arguments in BATCH: its own, then empty strings.
+function padded(args: string[]): string[] {
+  while (args.length < STRIDE) args.push('');
+  return args;
+}
+
+// A claim's arguments after its token: fingerprint, leaseMs, ttlMs, owner, takeoverFrom.
+function claimArgs(input: ClaimInput): string[] {
+  return [
+    encodeFingerprint(input.fingerprint),
+    ms('leaseMs', input.leaseMs),
+    ms('ttlMs', input.ttlMs),
+    input.owner ?? '',
+    input.takeoverFrom ?? '',
+  ];
+}
+
 function decodeClaim(raw: unknown, token: string): ClaimResult {
   const r = list(raw);
   switch (text(r[0])) {
@@ -644,8 +709,16 @@ function decodeClaim(raw: unknown, token: string): ClaimResult {
         status: 'completed',
         record: { state: 'completed', fingerprint: decodeFingerprint(r[1]), outcome: text(r[3]), expiresAt: int(r[2]) },
       };
-    case 'p':
-      return { status: 'in_progress', fingerprint: decodeFingerprint(r[1]), leaseUntil: int(r[2]), now: int(r[3]) };
+    case 'p': {
+      const owner = text(r[4]);
+      return {
+        status: 'in_progress',
+        fingerprint: decodeFingerprint(r[1]),
+        leaseUntil: int(r[2]),
+        now: int(r[3]),
+        ...(owner === '' ? {} : { owner }),
+      };
+    }
     default:
       throw new Error(`redis store: unexpected claim reply ${JSON.stringify(r)}`);
   }
@@ -692,6 +765,7 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
   // A getter: a cluster client found out late (CROSSSLOT) is grouped by node from then on.
   const replicator = replication ? makeReplicator(client, () => cluster, replication) : undefined;
   const keyOf = (id: string): string => `${prefix}:{${id}}`;
+  const sessionKeyOf = (session: string): string => `${prefix}:session:{${session}}`;
 
   // Operations waiting for the end of this turn of the event loop. They go
   // out together as one BATCH script: one round trip, one write on each
@@ -767,10 +841,11 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
     if (letter === 'c' && Array.isArray(reply) && text(reply[0]) === 'a') {
       // Fenced by the claim's own token: it deletes nothing else. Without a
       // reply the record stays in progress until its lease ends.
-      run(SCRIPTS.batch, [op.key], ['x', op.args[1]!, '', '', '']).catch(() => {});
+      run(SCRIPTS.batch, [op.key], padded(['x', op.args[1]!])).catch(() => {});
       op.reject(notAcknowledged('claim; it was released and nothing was done', acked));
-    } else if ((letter === 'm' || letter === 'n') && int(reply) === 1) {
-      op.reject(notAcknowledged(letter === 'm' ? 'completion' : 'renewal', acked));
+    } else if ((letter === 'm' || letter === 'n' || letter === 'h') && int(reply) === 1) {
+      // A heartbeat a failover could lose would let others take over live claims: it does not count either.
+      op.reject(notAcknowledged(letter === 'm' ? 'completion' : letter === 'n' ? 'renewal' : 'session heartbeat', acked));
     } else {
       op.resolve(reply);
     }
@@ -784,8 +859,8 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
     if (cluster || !coalesce) for (const op of ops) groups.push([op]);
     else for (let i = 0; i < ops.length; i += MAX_BATCH) groups.push(ops.slice(i, i + MAX_BATCH));
     const callOf = (g: Operation[]): Call => ({ keys: g.map((op) => op.key), args: g.flatMap((op) => op.args) });
-    // Releases alone need no WAIT: one that a failover loses leaves a lease to run out.
-    const needsWait = (g: Operation[][]): boolean => g.some((group) => group.some((op) => op.args[0] !== 'x'));
+    // Releases and session ends alone need no WAIT: one that a failover loses leaves a lease (or a session TTL) to run out.
+    const needsWait = (g: Operation[][]): boolean => g.some((group) => group.some((op) => op.args[0] !== 'x' && op.args[0] !== 'q'));
     const outcomes: Array<{ answer: Answer; acked: number }> = [];
     try {
       const round = await r.exchange(node, groups.map(callOf), false, needsWait(groups));
@@ -873,14 +948,15 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
     }
   };
 
-  const operation = (id: string, ...args: string[]): [Operation, Promise<unknown>] => {
-    while (args.length < STRIDE) args.push('');
+  const operationOn = (key: string, args: string[]): [Operation, Promise<unknown>] => {
     let op!: Operation;
     const answer = new Promise<unknown>((resolve, reject) => {
-      op = { key: keyOf(id), args, resolve, reject };
+      op = { key, args: padded(args), resolve, reject };
     });
     return [op, answer];
   };
+
+  const operation = (id: string, ...args: string[]): [Operation, Promise<unknown>] => operationOn(keyOf(id), args);
 
   const one = (id: string, ...args: string[]): Promise<unknown> => {
     const [op, answer] = operation(id, ...args);
@@ -888,22 +964,41 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
     return answer;
   };
 
+  // A session's writes go through the same path as a record's (batched with
+  // the turn's other writes on a standalone Redis, one script on a cluster,
+  // WAITed for under `replication`); only the key differs.
+  const onSession = (session: string, ...args: string[]): Promise<unknown> => {
+    const [op, answer] = operationOn(sessionKeyOf(session), args);
+    submit([op]);
+    return answer;
+  };
+
+  const sessions: StoreSessions = {
+    async heartbeat(session, ttlMs) {
+      await onSession(session, 'h', ms('ttlMs', ttlMs));
+    },
+    async alive(session) {
+      return int(await run(SCRIPTS.alive, [sessionKeyOf(session)], [])) === 1;
+    },
+    async end(session) {
+      await onSession(session, 'q');
+    },
+  };
+
   const base: IdempotencyStore = {
     name: 'redis',
     capabilities: CAPABILITIES,
     async claim(id, input) {
       const token = newToken();
-      const raw = await one(id, 'c', token, encodeFingerprint(input.fingerprint), ms('leaseMs', input.leaseMs), ms('ttlMs', input.ttlMs));
+      const raw = await one(id, 'c', token, ...claimArgs(input));
       return decodeClaim(raw, token);
     },
     async claimMany(ids, input) {
-      const fingerprint = encodeFingerprint(input.fingerprint);
-      const leaseMs = ms('leaseMs', input.leaseMs);
-      const ttlMs = ms('ttlMs', input.ttlMs);
+      const args = claimArgs(input);
       // Submitted together and in order, so on a standalone Redis they share
       // one script and a repeated id meets its own earlier claim.
       const tokens = ids.map(() => newToken());
-      const pairs = ids.map((id, i) => operation(id, 'c', tokens[i]!, fingerprint, leaseMs, ttlMs));
+      const pairs = ids.map((id, i) => operation(id, 'c', tokens[i]!, ...args));
       submit(pairs.map(([op]) => op));
       const settled = await Promise.allSettled(pairs.map(([, answer]) => answer));
       const failure = settled.find((s) => s.status === 'rejected');
@@ -951,6 +1046,7 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
     async close() {
       // The client belongs to the caller.
     },
+    sessions,
   };
 
   // The same wrapper any store can put in front of itself: one mechanism.
@@ -962,5 +1058,7 @@ export function redisStore(options: RedisStoreOptions): RedisStore {
       return cluster;
     },
     keyOf,
+    sessionKeyOf,
+    sessions,
   };
 }
