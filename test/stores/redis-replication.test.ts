@@ -240,6 +240,38 @@ describe('redis store with replication on a primary and one replica', () => {
       await lagging;
       expect(errors.length).toBeGreaterThan(0); // refused at first, then stored with the same token
       expect(await replica.hget(plain.keyOf(id), 's')).toBe('c');
+      // Its session's heartbeats (WAITed for too) would otherwise go on beside the next tests' WAIT counts.
+      await engine.close();
+    });
+
+    it('counts a session heartbeat only once the replica has it; an end sends no WAIT', async () => {
+      const session = crypto.randomUUID();
+      await store(ON).sessions.heartbeat(session, 60_000);
+      expect(await replica.exists(plain.sessionKeyOf(session))).toBe(1);
+      // A heartbeat a failover could lose would let others take over live claims: refused.
+      await expect(store(SHORT).sessions.heartbeat(session, 60_000)).rejects.toThrow(/replicas acknowledged the session heartbeat/);
+      const before = await waits(admin);
+      await store(ON).sessions.end(session);
+      expect((await waits(admin)) - before).toBe(0);
+      expect(await plain.sessions.alive(session)).toBe(false);
+    });
+
+    it('takes over from a dead session under the same WAIT rules as any claim', async () => {
+      const dead = crypto.randomUUID();
+      const id = newId();
+      expect((await plain.claim(id, { ...INPUT, owner: dead })).status).toBe('acquired');
+      // Not acknowledged: released and refused, like any claim.
+      await expect(store(SHORT).claim(id, { ...INPUT, owner: crypto.randomUUID(), takeoverFrom: dead })).rejects.toBeInstanceOf(
+        StoreUnavailableError,
+      );
+      for (let i = 0; i < 50 && (await plain.get(id)) !== null; i++) await sleep(20);
+      expect(await plain.get(id)).toBeNull();
+      // Acknowledged: the replica has the new owner as soon as the claim is answered.
+      expect((await plain.claim(id, { ...INPUT, owner: dead })).status).toBe('acquired');
+      const heir = crypto.randomUUID();
+      const taken = await store(ON).claim(id, { ...INPUT, owner: heir, takeoverFrom: dead });
+      expect(taken).toMatchObject({ status: 'acquired', takeover: true });
+      expect(await replica.hget(plain.keyOf(id), 'w')).toBe(heir);
     });
   });
 });

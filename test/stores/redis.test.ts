@@ -181,6 +181,8 @@ describe('redis store', () => {
       await store.release(warm, 'nope');
       await store.get(warm);
       await store.delete(warm);
+      const session = crypto.randomUUID();
+      await store.sessions.alive(session);
 
       const id = newId();
       let token = '';
@@ -206,6 +208,14 @@ describe('redis store', () => {
         const results = await store.claimMany!([newId(), newId(), newId()], input);
         expect(results.map((r) => r.status)).toEqual(['acquired', 'acquired', 'acquired']);
       });
+      measured['session heartbeat'] = await counter.commands(() => store.sessions.heartbeat(session, 1_000));
+      measured['session alive'] = await counter.commands(async () => expect(await store.sessions.alive(session)).toBe(true));
+      const owned = newId();
+      measured['claim with an owner (new id)'] = await counter.commands(() => store.claim(owned, { ...input, owner: session }));
+      measured['claim answering its owner (in progress)'] = await counter.commands(async () => {
+        expect(await store.claim(owned, { ...input, owner: 'another session' })).toMatchObject({ status: 'in_progress', owner: session });
+      });
+      measured['session end'] = await counter.commands(() => store.sessions.end(session));
 
       for (const [operation, commands] of Object.entries(measured)) {
         expect({ operation, commands }).toEqual({ operation, commands: ['evalsha'] });
@@ -237,6 +247,17 @@ describe('redis store', () => {
       expect(answers).toEqual([...ids.slice(1).map(() => true), true, false]);
       const replay = await store.get(ids[5]!);
       expect(replay).toMatchObject({ state: 'completed', outcome: 'outcome 4' });
+    });
+
+    it('sends a session heartbeat asked for in the same turn as claims in their script', async () => {
+      const store = redisStore({ client, prefix: rtPrefix });
+      const session = crypto.randomUUID();
+      const commands = await counter.commands(() =>
+        Promise.all([store.claim(newId(), INPUT), store.sessions.heartbeat(session, 1_000), store.claim(newId(), INPUT)]),
+      );
+      expect(commands).toEqual(['evalsha']);
+      expect(await store.sessions.alive(session)).toBe(true);
+      await store.sessions.end(session);
     });
 
     it('sends each write alone when coalescing is off', async () => {
