@@ -1,5 +1,5 @@
 import { strict as assert } from 'node:assert';
-import { randomBytes } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import type { ClaimInput, IdempotencyStore } from '../engine/store.js';
 import { purgeExpiredRecords } from '../stores/purge.js';
 
@@ -27,6 +27,22 @@ export interface StoreConformanceOptions {
   teardown?: () => Promise<void> | void;
   /** Short lease used by expiry cases, in ms. Default 150; raise it for a slow or remote store. */
   shortMs?: number;
+  /**
+   * Business writes for the transactional-mode cases (stores with
+   * `transactions`): the suite cannot know your tables. When given, every
+   * transaction case also writes one business row through the transaction's
+   * client and checks that it commits with the completion and is rolled
+   * back with everything else. Without it, only the record's side is checked.
+   */
+  transactionWrites?: TransactionWrites;
+}
+
+/** How the conformance suite writes and reads a business row of yours (see {@link StoreConformanceOptions.transactionWrites}). */
+export interface TransactionWrites {
+  /** Write one row keyed `key` through `client`, the driver's handle inside the open transaction. */
+  write(client: unknown, key: string): Promise<void> | void;
+  /** True when the row keyed `key` is committed, read outside any transaction. */
+  exists(key: string): Promise<boolean> | boolean;
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
@@ -40,6 +56,10 @@ const LONG: ClaimInput = { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 };
  * lifecycle, fencing (a stale token can neither renew, complete nor
  * release), lease takeover, TTL expiry, the purge of expired records (never
  * a live one), and 100 concurrent claims of one id with exactly one winner.
+ * Stores with process sessions (`sessions`) are held to the owner and
+ * `takeoverFrom` rules, stores with transactional mode (`transactions`) to
+ * commit-with-the-completion, fencing and rollback; those cases pass at once
+ * for a store without the capability.
  * Run it against the real server, never a mock. Turn the store's own
  * background purge off for the run (`purge: false`): the purge cases count
  * what they delete themselves.
@@ -428,6 +448,266 @@ export function defineStoreConformance(runner: ConformanceRunner, options: Store
       assert.equal(made.takeover, false);
       assert.equal(await store.complete(stale, old.token, 'stale', 60_000), false);
       assert.equal(await store.complete(stale, taken.token, 'fresh', 60_000), true);
+    });
+
+    // ── Process sessions (stores with `sessions`) ──────────────────────────
+
+    /** A session that was alive once and has ended: its claims may be taken over. */
+    const deadSession = async (): Promise<string> => {
+      const session = randomUUID();
+      await store.sessions!.heartbeat(session, 60_000);
+      await store.sessions!.end(session);
+      return session;
+    };
+
+    it('sessions: a heartbeat keeps a session alive for its TTL; end or expiry ends it', async () => {
+      const sessions = store.sessions;
+      if (!sessions) return;
+      const session = randomUUID();
+      assert.equal(await sessions.alive(session), false, 'a session never seen is not alive');
+      await sessions.heartbeat(session, 60_000);
+      assert.equal(await sessions.alive(session), true);
+      await sessions.heartbeat(session, 60_000); // an upsert
+      assert.equal(await sessions.alive(session), true);
+      await sessions.end(session);
+      assert.equal(await sessions.alive(session), false, 'ended');
+      await sessions.end(session); // ending twice is harmless
+      const brief = randomUUID();
+      await sessions.heartbeat(brief, short);
+      assert.equal(await sessions.alive(brief), true);
+      await sleep(short * 2 + 50);
+      assert.equal(await sessions.alive(brief), false, 'expired after its TTL without a heartbeat');
+      await sessions.heartbeat(brief, 60_000);
+      assert.equal(await sessions.alive(brief), true, 'a heartbeat after a stall makes it alive again');
+      await sessions.end(brief);
+    });
+
+    it('sessions: a claim stores its owner, and in_progress answers carry it', async () => {
+      if (!store.sessions) return;
+      const owner = randomUUID();
+      const id = newId();
+      assert.equal((await store.claim(id, { ...LONG, owner })).status, 'acquired');
+      const busy = await store.claim(id, { ...LONG, owner: randomUUID() });
+      if (busy.status !== 'in_progress') assert.fail(`expected in_progress, got ${busy.status}`);
+      assert.equal(busy.owner, owner);
+      const anonymous = newId();
+      assert.equal((await store.claim(anonymous, LONG)).status, 'acquired');
+      const unowned = await store.claim(anonymous, { ...LONG, owner });
+      if (unowned.status !== 'in_progress') assert.fail(`expected in_progress, got ${unowned.status}`);
+      assert.equal(unowned.owner, undefined, 'a claim made without an owner answers none');
+      if (store.claimMany) {
+        const batch = [newId(), newId()];
+        const claimed = await store.claimMany(batch, { ...LONG, owner });
+        assert.deepEqual(claimed.map((r) => r.status), ['acquired', 'acquired']);
+        const again = await store.claimMany(batch, { ...LONG, owner: randomUUID() });
+        for (const result of again) {
+          if (result.status !== 'in_progress') assert.fail(`expected in_progress, got ${result.status}`);
+          assert.equal(result.owner, owner, 'claimMany stores the owner too');
+        }
+      }
+    });
+
+    it("sessions: takeoverFrom takes over a dead owner's live lease at once, and fences the old token", async () => {
+      if (!store.sessions) return;
+      const dead = await deadSession();
+      const heir = randomUUID();
+      const id = newId();
+      const old = await store.claim(id, { ...LONG, owner: dead });
+      if (old.status !== 'acquired') assert.fail('expected acquired');
+      const plain = await store.claim(id, { ...LONG, owner: heir });
+      assert.equal(plain.status, 'in_progress', 'without takeoverFrom the live lease holds');
+      const taken = await store.claim(id, { ...LONG, owner: heir, takeoverFrom: dead });
+      if (taken.status !== 'acquired') assert.fail(`expected a takeover, got ${taken.status}`);
+      assert.equal(taken.takeover, true);
+      assert.notEqual(taken.token, old.token);
+      assert.ok(taken.leaseUntil > Date.now() + 10_000, 'the new owner gets a full lease');
+      assert.equal(await store.renew(id, old.token, 60_000), false, 'the dead owner cannot renew');
+      assert.equal(await store.complete(id, old.token, 'stale', 60_000), false, 'the dead owner cannot complete');
+      assert.equal(await store.release(id, old.token), false, 'the dead owner cannot release');
+      const now = await store.claim(id, { ...LONG, owner: randomUUID() });
+      if (now.status !== 'in_progress') assert.fail(`expected in_progress, got ${now.status}`);
+      assert.equal(now.owner, heir, 'the record now belongs to the new owner');
+      const again = await store.claim(id, { ...LONG, owner: randomUUID(), takeoverFrom: dead });
+      assert.equal(again.status, 'in_progress', 'a second takeover from the same dead owner finds the record moved on');
+      assert.equal(await store.complete(id, taken.token, 'fresh', 60_000), true);
+    });
+
+    it('sessions: takeoverFrom is refused when the stored owner differs', async () => {
+      if (!store.sessions) return;
+      const owner = randomUUID();
+      await store.sessions.heartbeat(owner, 60_000);
+      const someoneElse = await deadSession();
+      const id = newId();
+      const first = await store.claim(id, { ...LONG, owner });
+      if (first.status !== 'acquired') assert.fail('expected acquired');
+      const refused = await store.claim(id, { ...LONG, owner: randomUUID(), takeoverFrom: someoneElse });
+      if (refused.status !== 'in_progress') assert.fail(`expected in_progress, got ${refused.status}`);
+      assert.equal(refused.owner, owner);
+      const unowned = newId();
+      const plain = await store.claim(unowned, LONG);
+      if (plain.status !== 'acquired') assert.fail('expected acquired');
+      assert.equal((await store.claim(unowned, { ...LONG, owner: randomUUID(), takeoverFrom: someoneElse })).status, 'in_progress', 'a record without an owner is not taken over either');
+      assert.equal(await store.complete(id, first.token, 'mine', 60_000), true, 'the owner keeps its record');
+      await store.sessions.end(owner);
+    });
+
+    it('sessions: takeoverFrom keeps the fingerprint rule', async () => {
+      if (!store.sessions) return;
+      const dead = await deadSession();
+      const id = newId();
+      const old = await store.claim(id, { ...LONG, owner: dead });
+      if (old.status !== 'acquired') assert.fail('expected acquired');
+      const other = await store.claim(id, { ...LONG, fingerprint: FP2, owner: randomUUID(), takeoverFrom: dead });
+      if (other.status !== 'in_progress') assert.fail(`expected in_progress, got ${other.status}`);
+      assert.equal(other.fingerprint, FP);
+      const same = await store.claim(id, { ...LONG, owner: randomUUID(), takeoverFrom: dead });
+      assert.equal(same.status === 'acquired' && same.takeover, true);
+    });
+
+    it('sessions: takeoverFrom changes nothing on a completed record, and claims an absent one plainly', async () => {
+      if (!store.sessions) return;
+      const dead = await deadSession();
+      const id = newId();
+      const claim = await store.claim(id, { ...LONG, owner: dead });
+      if (claim.status !== 'acquired') assert.fail('expected acquired');
+      assert.equal(await store.complete(id, claim.token, 'done', 60_000), true);
+      const replay = await store.claim(id, { ...LONG, owner: randomUUID(), takeoverFrom: dead });
+      if (replay.status !== 'completed') assert.fail(`expected completed, got ${replay.status}`);
+      assert.equal(replay.record.outcome, 'done');
+      const fresh = await store.claim(newId(), { ...LONG, owner: randomUUID(), takeoverFrom: dead });
+      assert.equal(fresh.status === 'acquired' && fresh.takeover, false);
+    });
+
+    it('sessions: exactly one winner among concurrent takeovers from a dead owner', async () => {
+      if (!store.sessions) return;
+      const dead = await deadSession();
+      const id = newId();
+      assert.equal((await store.claim(id, { ...LONG, owner: dead })).status, 'acquired');
+      const results = await Promise.all(
+        Array.from({ length: 40 }, (_, i) => clients[i % clients.length]!.claim(id, { ...LONG, owner: randomUUID(), takeoverFrom: dead })),
+      );
+      const winners = results.filter((r) => r.status === 'acquired');
+      assert.equal(winners.length, 1, `${winners.length} winners`);
+    });
+
+    // ── Transactional mode (stores with `transactions`) ────────────────────
+    // Only `store` is used while a transaction is open: on SQLite another
+    // connection's write would wait for the open transaction's write lock
+    // with the event loop blocked.
+
+    const writes = options.transactionWrites;
+    const businessKey = (): string => `oncely-conformance-${randomBytes(8).toString('hex')}`;
+    const exists = async (key: string): Promise<boolean | undefined> => (writes ? await writes.exists(key) : undefined);
+
+    it('transactions: commit stores the outcome together with the business writes', async () => {
+      const transactions = store.transactions;
+      if (!transactions) return;
+      const id = newId();
+      const claim = await store.claim(id, LONG);
+      if (claim.status !== 'acquired') assert.fail('expected acquired');
+      const key = businessKey();
+      const transaction = await transactions.open(id, claim.token);
+      assert.ok(transaction.client !== undefined && transaction.client !== null, 'the driver handle is handed out');
+      await writes?.write(transaction.client, key);
+      assert.equal((await store.get(id))?.state, 'in_progress', 'nothing is completed before the commit');
+      assert.equal(await transaction.commit('{"paid":true}', 60_000), true);
+      const record = await store.get(id);
+      if (record?.state !== 'completed') assert.fail(`expected completed, got ${record?.state}`);
+      assert.equal(record.outcome, '{"paid":true}');
+      assert.ok(record.expiresAt > Date.now() + 30_000, 'the completion keeps the record for its ttlMs');
+      if (writes) assert.equal(await exists(key), true, 'the business write committed with the completion');
+      assert.equal(await store.complete(id, claim.token, 'again', 60_000), false, 'the record is final');
+    });
+
+    it('transactions: a fenced commit rolls the business writes back and answers false', async () => {
+      const transactions = store.transactions;
+      if (!transactions) return;
+      const id = newId();
+      const old = await store.claim(id, SHORT);
+      if (old.status !== 'acquired') assert.fail('expected acquired');
+      await sleep(short * 2 + 50);
+      const taken = await store.claim(id, LONG);
+      if (taken.status !== 'acquired') assert.fail('expected takeover');
+      const key = businessKey();
+      const transaction = await transactions.open(id, old.token);
+      await writes?.write(transaction.client, key);
+      assert.equal(await transaction.commit('stale', 60_000), false);
+      if (writes) assert.equal(await exists(key), false, 'the stale owner leaves no business write behind');
+      assert.equal((await store.get(id))?.state, 'in_progress', "the new owner's record is untouched");
+      // Released meanwhile: fenced too.
+      const released = newId();
+      const gone = await store.claim(released, LONG);
+      if (gone.status !== 'acquired') assert.fail('expected acquired');
+      assert.equal(await store.release(released, gone.token), true);
+      const late = await transactions.open(released, gone.token);
+      await writes?.write(late.client, businessKey());
+      assert.equal(await late.commit('late', 60_000), false);
+      assert.equal(await store.get(released), null, 'a fenced commit creates no record');
+      assert.equal(await store.complete(id, taken.token, 'fresh', 60_000), true);
+    });
+
+    it('transactions: rollback leaves the record in progress and no business writes', async () => {
+      const transactions = store.transactions;
+      if (!transactions) return;
+      const id = newId();
+      const claim = await store.claim(id, LONG);
+      if (claim.status !== 'acquired') assert.fail('expected acquired');
+      const key = businessKey();
+      const transaction = await transactions.open(id, claim.token);
+      await writes?.write(transaction.client, key);
+      await transaction.rollback();
+      if (writes) assert.equal(await exists(key), false);
+      assert.equal((await store.get(id))?.state, 'in_progress', 'rollback leaves the record to the release that follows');
+      assert.equal(await store.release(id, claim.token), true);
+      assert.equal(await store.get(id), null);
+    });
+
+    it("transactions: the store's own writes for other records are never part of an open transaction", async () => {
+      const transactions = store.transactions;
+      if (!transactions) return;
+      const id = newId();
+      const claim = await store.claim(id, LONG);
+      const done = newId();
+      const toComplete = await store.claim(done, LONG);
+      if (claim.status !== 'acquired' || toComplete.status !== 'acquired') assert.fail('expected acquired');
+      const transaction = await transactions.open(id, claim.token);
+      await writes?.write(transaction.client, businessKey());
+      // Started while the transaction is open (a store may hold them until it ends).
+      const other = newId();
+      const claiming = store.claim(other, LONG);
+      const completing = store.complete(done, toComplete.token, 'kept', 60_000);
+      await sleep(20);
+      await transaction.rollback();
+      assert.equal((await claiming).status, 'acquired');
+      assert.equal(await completing, true);
+      assert.equal((await store.get(other))?.state, 'in_progress', 'a claim made meanwhile survives the rollback');
+      assert.equal((await store.get(done))?.state, 'completed', 'a completion made meanwhile survives the rollback');
+      assert.equal(await store.release(id, claim.token), true);
+    });
+
+    it('transactions: several claims each commit their own transaction', async () => {
+      const transactions = store.transactions;
+      if (!transactions) return;
+      const ids = [newId(), newId(), newId()];
+      const keys = ids.map(businessKey);
+      const tokens: string[] = [];
+      for (const id of ids) {
+        const claim = await store.claim(id, LONG);
+        if (claim.status !== 'acquired') assert.fail('expected acquired');
+        tokens.push(claim.token);
+      }
+      // Opened together: a store may let them take turns (the second opens once the first ends).
+      const opening = ids.map((id, i) => transactions.open(id, tokens[i]!));
+      for (const [i, pending] of opening.entries()) {
+        const transaction = await pending;
+        await writes?.write(transaction.client, keys[i]!);
+        if (i === 1) await transaction.rollback();
+        else assert.equal(await transaction.commit(`outcome ${i}`, 60_000), true);
+      }
+      assert.equal((await store.get(ids[0]!))?.state, 'completed');
+      assert.equal((await store.get(ids[1]!))?.state, 'in_progress');
+      assert.equal((await store.get(ids[2]!))?.state, 'completed');
+      if (writes) assert.deepEqual(await Promise.all(keys.map(exists)), [true, false, true]);
     });
   });
 }

@@ -25,6 +25,8 @@ const config = {
 };
 const suffix = randomBytes(6).toString('hex');
 const table = `oncely_test_${suffix}`;
+/** The business table of the transactional-mode cases. */
+const business = `oncely_business_${suffix}`;
 const schema = `oncely_schema_${suffix}`;
 const pools: pg.Pool[] = [];
 const newPool = (): pg.Pool => {
@@ -90,11 +92,14 @@ function counted(pool: PgQueryable): PgQueryable & { count: number } {
 
 beforeAll(async () => {
   await migratePostgres(admin, { table });
+  await admin.query(`CREATE TABLE "${business}" (key text PRIMARY KEY, amount int NOT NULL)`);
 });
 
 afterAll(async () => {
-  await admin.query(`DROP TABLE IF EXISTS "${table}"`);
-  for (const name of purgeTables) await admin.query(`DROP TABLE IF EXISTS "${name}"`);
+  for (const name of [table, business, ...purgeTables]) {
+    await admin.query(`DROP TABLE IF EXISTS "${name}"`);
+    await admin.query(`DROP TABLE IF EXISTS "${name}_sessions"`);
+  }
   await admin.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
   await Promise.all(pools.map((pool) => pool.end()));
 });
@@ -105,6 +110,14 @@ defineStoreConformance(
     name: 'postgres',
     store: () => postgresStore({ pool: newPool(), table, purge: false }),
     anotherClient: () => postgresStore({ pool: newPool(), table, purge: false }),
+    transactionWrites: {
+      async write(client, key) {
+        await (client as pg.PoolClient).query(`INSERT INTO "${business}" (key, amount) VALUES ($1, 1)`, [key]);
+      },
+      async exists(key) {
+        return (await admin.query(`SELECT 1 FROM "${business}" WHERE key = $1`, [key])).rowCount === 1;
+      },
+    },
   },
 );
 
