@@ -17,7 +17,7 @@ import Fastify, { type FastifyInstance } from 'fastify';
 import type { IdempotencyStore } from 'oncely';
 import { oncely } from 'oncely/fastify';
 import { type EncryptionKey, encryptionKeysFromEnv, withEncryption } from 'oncely/stores/encryption';
-import { type BusinessDb, openBusinessDb } from './db.js';
+import { type BusinessDb, openBusinessDb, sameDatabase } from './db.js';
 import { orderRoutes } from './orders.js';
 import { createLedger, type Ledger } from './ledger/index.js';
 import { paymentRoutes } from './payments.js';
@@ -39,8 +39,29 @@ export interface ReferenceOptions {
   storeUrl?: string;
   /** A store to use instead of `storeUrl` (tests); it is not closed by the app. */
   store?: IdempotencyStore;
-  /** Directory of the business database `reference.db` [`DATA_DIR`, default `./data`]. */
+  /** Directory of the default business database `reference.db` [`DATA_DIR`, default `./data`]. */
   dataDir?: string;
+  /**
+   * The business database [`DATABASE_URL`]: `sqlite:<path>`, `postgres://…`
+   * or `mysql://…`; default `sqlite:<dataDir>/reference.db`.
+   */
+  databaseUrl?: string;
+  /** Prefix of the business tables' names [`DATABASE_TABLE_PREFIX`, default none]; tests use one per run. */
+  tablePrefix?: string;
+  /**
+   * Transactional mode [`TRANSACTIONAL`, default `auto`]: payments, trades
+   * and orders write their rows in the store's transaction, committed with
+   * the record's completion. `auto`: when `storeUrl` names the same
+   * PostgreSQL or MySQL database as `databaseUrl` and the store has
+   * transactions; `on`: the same, but start-up fails when it cannot apply;
+   * `off`: never.
+   */
+  transactional?: 'auto' | 'on' | 'off';
+  /**
+   * A fault hook for crash tests [`FAULT`]: the process SIGKILLs itself at
+   * that point (see {@link FAULTS}). Never set it in production.
+   */
+  fault?: Fault;
   /** [`HOST`, default `127.0.0.1`] */
   host?: string;
   /** [`PORT`, default 3000; 0 picks a free port] */
@@ -61,7 +82,7 @@ export interface ReferenceOptions {
   bodyLimit?: number;
   /** Fastify request logging [`LOG=1`]. */
   logger?: boolean;
-  /** The app's own base URL, for the orders → payments call; default: the address it listens on. */
+  /** Where orders pay: the base URL of the payments service [`PAYMENTS_URL`]; default: the address it listens on. */
   baseUrl?: string;
   /**
    * The ledger (default on): payments record a `payment.succeeded` event in
@@ -95,10 +116,34 @@ export const CONNECTION_DEFAULTS = {
   maxRequestsPerSocket: 1_000,
 } as const;
 
+/**
+ * The fault hooks (`FAULT`): where a crash test makes the process SIGKILL
+ * itself. `after-business-write` (optionally `:payments`, `:trades`,
+ * `:orders`): once the handler's rows are written (in plain mode committed;
+ * in transactional mode inside the open transaction, not yet committed) and
+ * before the record's completion. `after-step:reserve`, `after-step:pay`:
+ * once that step of an order has completed and its result is stored.
+ */
+export const FAULTS = [
+  'after-business-write',
+  'after-business-write:payments',
+  'after-business-write:trades',
+  'after-business-write:orders',
+  'after-step:reserve',
+  'after-step:pay',
+] as const;
+
+/** One of {@link FAULTS}. */
+export type Fault = (typeof FAULTS)[number];
+
 /** What the route modules share. */
 export interface RouteContext {
   db: BusinessDb;
+  /** Write business rows through `req.idempotency.transaction()` (see {@link ReferenceOptions.transactional}). */
+  transactional: boolean;
   ledger: Ledger | undefined;
+  /** The fault hook: SIGKILL this process when `FAULT` names `point` (alone or as `point:resource`). */
+  crash(resource: 'payments' | 'trades' | 'orders', point: string): Promise<void>;
   paymentDelayMs: number;
   paymentDelayAfterMs: number;
   orderDelayMs: number;
@@ -139,16 +184,18 @@ export async function buildApp(options: ReferenceOptions = {}): Promise<FastifyI
   }
   let db: BusinessDb;
   try {
-    db = openBusinessDb(options.dataDir ?? './data');
+    db = await openBusinessDb({ url: options.databaseUrl, dataDir: options.dataDir, prefix: options.tablePrefix });
   } catch (error) {
     await opened?.close();
     throw error;
   }
   let ledger: Ledger | undefined;
+  let mode: { on: boolean; why: string };
   try {
+    mode = transactionalMode(options, store, db);
     ledger = options.ledger === false ? undefined : createLedger({ db, brokerUrl: options.brokerUrl });
   } catch (error) {
-    db.close();
+    await db.close();
     await opened?.close();
     throw error;
   }
@@ -158,7 +205,7 @@ export async function buildApp(options: ReferenceOptions = {}): Promise<FastifyI
     app = makeFastify(options);
   } catch (error) {
     await ledger?.stop();
-    db.close();
+    await db.close();
     await opened?.close();
     throw error;
   }
@@ -171,12 +218,13 @@ export async function buildApp(options: ReferenceOptions = {}): Promise<FastifyI
       if (ledger) await ledger.stop();
       await opened?.close();
     } finally {
-      db.close();
+      await db.close();
     }
   };
   app.addHook('onClose', cleanup);
   try {
-    await setUp(app, options, { store, opened, db, ledger });
+    await setUp(app, options, { store, opened, db, ledger, transactional: mode.on });
+    described.set(app, { database: db.description, transactional: mode });
     await app.ready();
   } catch (error) {
     await app.close().catch(() => {});
@@ -184,6 +232,43 @@ export async function buildApp(options: ReferenceOptions = {}): Promise<FastifyI
     throw error;
   }
   return app;
+}
+
+/**
+ * Whether payments, trades and orders run in transactional mode, and why
+ * (for the start-up line): the store must be the business database (same
+ * dialect, server, user and database) and offer transactions. SQLite keeps
+ * plain mode: the business tables are written over a second connection to
+ * the file, and SQLite has one writer, so a write there while the store's
+ * transaction holds the lock would block the event loop.
+ *
+ * @throws Error with `transactional: 'on'` when it cannot apply.
+ */
+export function transactionalMode(
+  options: ReferenceOptions,
+  store: IdempotencyStore,
+  db: Pick<BusinessDb, 'dialect' | 'url'>,
+): { on: boolean; why: string } {
+  const setting = options.transactional ?? 'auto';
+  const mode = ((): { on: boolean; why: string } => {
+    if (setting === 'off') return { on: false, why: 'TRANSACTIONAL=off' };
+    if (options.idempotency === false) return { on: false, why: 'idempotency off' };
+    if (options.store !== undefined) return { on: false, why: 'a store given in code, not by URL' };
+    if (db.dialect === 'sqlite') return { on: false, why: 'SQLite business database' };
+    if (!sameDatabase(options.storeUrl ?? DEFAULT_STORE_URL, db.url)) return { on: false, why: 'STORE_URL is another database' };
+    if (store.transactions === undefined) return { on: false, why: `the ${store.name} store has no transactions` };
+    return { on: true, why: 'STORE_URL is the business database' };
+  })();
+  if (setting === 'on' && !mode.on) throw new Error(`TRANSACTIONAL=on, but transactional mode cannot apply: ${mode.why}`);
+  return mode;
+}
+
+/** SIGKILL this process at `point` when `fault` names it (see {@link FAULTS}). */
+async function crashAt(fault: Fault | undefined, resource: string, point: string): Promise<void> {
+  if (fault === undefined || (fault !== point && fault !== `${point}:${resource}`)) return;
+  console.error(`[reference] FAULT=${fault}: SIGKILL in ${resource} at ${point}`);
+  process.kill(process.pid, 'SIGKILL');
+  await new Promise(() => {}); // the signal is on its way: never go on
 }
 
 /** The Fastify instance with the reference's server options. */
@@ -223,9 +308,9 @@ function makeFastify(options: ReferenceOptions): FastifyInstance {
 async function setUp(
   app: FastifyInstance,
   options: ReferenceOptions,
-  parts: { store: IdempotencyStore; opened: OpenedStore | undefined; db: BusinessDb; ledger: Ledger | undefined },
+  parts: { store: IdempotencyStore; opened: OpenedStore | undefined; db: BusinessDb; ledger: Ledger | undefined; transactional: boolean },
 ): Promise<void> {
-  const { store, opened, db, ledger } = parts;
+  const { store, opened, db, ledger, transactional } = parts;
   installProblemHandlers(app);
 
   // Graceful shutdown: requests arriving while closing are refused (nothing
@@ -292,7 +377,9 @@ async function setUp(
 
   const ctx: RouteContext = {
     db,
+    transactional,
     ledger,
+    crash: (resource, point) => crashAt(options.fault, resource, point),
     paymentDelayMs: options.paymentDelayMs ?? 0,
     paymentDelayAfterMs: options.paymentDelayAfterMs ?? 0,
     orderDelayMs: options.orderDelayMs ?? 0,
@@ -302,6 +389,8 @@ async function setUp(
   app.get('/healthz', async () => ({
     status: 'ok',
     store: opened?.kind ?? store.name,
+    database: db.dialect,
+    transactional,
     idempotency: options.idempotency !== false,
   }));
   await app.register(async (scoped) => {
@@ -318,11 +407,18 @@ async function setUp(
   }
 }
 
+/** What the start-up line says about an app {@link buildApp} made. */
+const described = new WeakMap<FastifyInstance, { database: string; transactional: { on: boolean; why: string } }>();
+
 /** A running reference system (see {@link startReference}). */
 export interface RunningReference {
   /** Base URL, e.g. `http://127.0.0.1:3000`. */
   url: string;
   app: FastifyInstance;
+  /** The business database, without its password. */
+  database: string;
+  /** Whether transactional mode applies, and why. */
+  transactional: { on: boolean; why: string };
   /** Stop accepting requests, finish those in flight, close the store and database. */
   close(): Promise<void>;
 }
@@ -337,7 +433,7 @@ export async function startReference(options: ReferenceOptions = {}): Promise<Ru
     throw error;
   }
   const url = ownUrl(app);
-  return { url, app, close: () => app.close() };
+  return { url, app, ...described.get(app)!, close: () => app.close() };
 }
 
 function envNumber(env: NodeJS.ProcessEnv, name: string, min: number): number | undefined {
@@ -356,10 +452,23 @@ export function referenceOptionsFromEnv(env: NodeJS.ProcessEnv = process.env): R
   if (!['on', 'off', 'true', 'false', '1', '0'].includes(idempotency)) {
     throw new Error(`IDEMPOTENCY must be on or off, got ${JSON.stringify(env.IDEMPOTENCY)}`);
   }
+  const transactional = (env.TRANSACTIONAL || 'auto').toLowerCase();
+  if (transactional !== 'auto' && transactional !== 'on' && transactional !== 'off') {
+    throw new Error(`TRANSACTIONAL must be auto, on or off, got ${JSON.stringify(env.TRANSACTIONAL)}`);
+  }
+  const fault = env.FAULT || undefined;
+  if (fault !== undefined && !(FAULTS as readonly string[]).includes(fault)) {
+    throw new Error(`FAULT must be one of ${FAULTS.join(', ')}, got ${JSON.stringify(fault)}`);
+  }
   const encryptionKey = env.ONCELY_ENCRYPTION_KEY;
   const options: ReferenceOptions = {
     storeUrl: env.STORE_URL || DEFAULT_STORE_URL,
     dataDir: env.DATA_DIR || './data',
+    databaseUrl: env.DATABASE_URL || undefined,
+    tablePrefix: env.DATABASE_TABLE_PREFIX || undefined,
+    transactional,
+    fault: fault as Fault | undefined,
+    baseUrl: env.PAYMENTS_URL || undefined,
     host: env.HOST || '127.0.0.1',
     port: envNumber(env, 'PORT', 0) ?? 3000,
     leaseMs: envNumber(env, 'LEASE_MS', 1) ?? 30_000,

@@ -7,6 +7,7 @@
  * @module
  */
 import { type RunningReference, referenceOptionsFromEnv, startReference } from './app.js';
+import { redact } from './db.js';
 
 let running: RunningReference | undefined;
 let stopping = false;
@@ -47,7 +48,9 @@ async function main(): Promise<void> {
   running = await startReference(options);
   if (stopping) return shutdown();
   console.error(
-    `[reference] store ${options.storeUrl}, data ${options.dataDir}, idempotency ${options.idempotency ? 'on' : 'off'}, ` +
+    `[reference] store ${redact(options.storeUrl ?? '')}, database ${running.database}, ` +
+      `transactional mode ${running.transactional.on ? 'on' : 'off'} (${running.transactional.why}), ` +
+      `idempotency ${options.idempotency ? 'on' : 'off'}, ` +
       `events ${options.brokerUrl ? 'via broker' : 'in-process'}, ` +
       `encryption ${options.encryptionKeys ? `on (sealing key ${options.encryptionKeys[0]!.id}, ${options.encryptionKeys.length} key(s))` : 'off'}`,
   );

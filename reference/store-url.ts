@@ -18,7 +18,7 @@
 import { mkdirSync } from 'node:fs';
 import { dirname } from 'node:path';
 import type { IdempotencyStore } from 'oncely';
-import { prepareDbFile, restrictDbFiles } from './db.js';
+import { prepareDbFile, redact, restrictDbFiles } from './db.js';
 
 /** The default store: embedded SQLite under ./data. */
 export const DEFAULT_STORE_URL = 'sqlite:./data/oncely.db';
@@ -36,16 +36,6 @@ export interface OpenedStore {
 
 /** How long a network store client may take to connect, ms. */
 const CONNECT_TIMEOUT_MS = 2_000;
-
-function redact(url: string): string {
-  try {
-    const u = new URL(url);
-    if (u.password) u.password = '***';
-    return u.toString();
-  } catch {
-    return url;
-  }
-}
 
 /**
  * Open the store named by `url` (see the module documentation).

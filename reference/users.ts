@@ -42,18 +42,30 @@ const userBodySchema = {
 /** Register the user routes. */
 export async function userRoutes(app: FastifyInstance, ctx: RouteContext): Promise<void> {
   const { db } = ctx;
-  const get = db.prepare('SELECT id, name, email, updated FROM users WHERE account = ? AND id = ?');
-  const upsert = db.prepare(
-    `INSERT INTO users (account, id, name, email, updated) VALUES (?, ?, ?, ?, ?)
-     ON CONFLICT (account, id) DO UPDATE SET name = excluded.name, email = excluded.email, updated = excluded.updated`,
-  );
-  const remove = db.prepare('DELETE FROM users WHERE account = ? AND id = ?');
+  const { users } = db.tables;
+  const get = `SELECT id, name, email, updated FROM ${users} WHERE account = ? AND id = ?`;
+  // UPDATE counts matched rows in every dialect (mysql2 connects with FOUND_ROWS).
+  const update = `UPDATE ${users} SET name = ?, email = ?, updated = ? WHERE account = ? AND id = ?`;
+  const insert = `INSERT INTO ${users} (account, id, name, email, updated) VALUES (?, ?, ?, ?, ?)`;
+  const remove = `DELETE FROM ${users} WHERE account = ? AND id = ?`;
 
-  const put = db.transaction((account: string, user: User): boolean => {
-    const existed = get.get(account, user.id) !== undefined;
-    upsert.run(account, user.id, user.name, user.email, user.updated);
-    return existed;
-  });
+  /**
+   * Replace, or create: answers whether the user existed. Single statements,
+   * no transaction: a PUT that loses a race to create answers as a replace
+   * (last write wins, as for any two PUTs).
+   */
+  const put = async (account: string, user: User): Promise<boolean> => {
+    const replace = [user.name, user.email, user.updated, account, user.id];
+    if ((await db.run(update, replace)) > 0) return true;
+    try {
+      await db.run(insert, [account, user.id, user.name, user.email, user.updated]);
+      return false;
+    } catch (error) {
+      if (!db.isUniqueViolation(error)) throw error;
+      await db.run(update, replace);
+      return true;
+    }
+  };
 
   app.put<{ Params: { id: string }; Body: UserBody }>(
     '/users/:id',
@@ -65,20 +77,20 @@ export async function userRoutes(app: FastifyInstance, ctx: RouteContext): Promi
         email: request.body.email,
         updated: new Date().toISOString(),
       };
-      const replaced = put.immediate(request.account, user);
+      const replaced = await put(request.account, user);
       if (replaced) return reply.code(200).send(user);
       return reply.code(201).header('location', `/users/${user.id}`).send(user);
     },
   );
 
   app.get<{ Params: { id: string } }>('/users/:id', { schema: { params: userParams } }, async (request) => {
-    const user = get.get(request.account, request.params.id) as User | undefined;
+    const user = await db.get<User>(get, [request.account, request.params.id]);
     if (!user) throw new ProblemError(problem('not-found', `This account has no user ${request.params.id}.`));
     return user;
   });
 
   app.delete<{ Params: { id: string } }>('/users/:id', { schema: { params: userParams } }, async (request, reply) => {
-    const { changes } = remove.run(request.account, request.params.id);
+    const changes = await db.run(remove, [request.account, request.params.id]);
     if (changes === 0) throw new ProblemError(problem('not-found', `This account has no user ${request.params.id}.`));
     return reply.code(204).send();
   });

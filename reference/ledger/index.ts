@@ -1,8 +1,9 @@
 /**
  * The reference system's ledger: payment events go from the payment's own
- * SQLite transaction (a transactional outbox) through a transport to a
- * consumer that applies each event once (a transactional inbox in the same
- * database), whatever the number of copies and their transport ids.
+ * transaction (a transactional outbox in the business database) through a
+ * transport to a consumer that applies each event once (a transactional
+ * inbox in the same database), whatever the number of copies and their
+ * transport ids.
  *
  * Transports (`brokerUrl`):
  * - none: the outbox rows are relayed to the in-process consumer directly;
@@ -17,15 +18,14 @@
  * import { createLedger } from './ledger/index.js';
  * const ledger = createLedger({ db, brokerUrl: process.env.BROKER_URL });
  * await ledger.start();
- * db.transaction(() => { insertPayment(); ledger.recordInOutbox(event); })();
- * ledger.view('acct_1'); // { data: [...], balance: { EUR: 1200 } }
+ * await db.transaction(async (tx) => { await insertPayment(tx); await ledger.recordInOutbox(tx, event); });
+ * await ledger.view('acct_1'); // { data: [...], balance: { EUR: 1200 } }
  * ```
  * @module
  */
-import type Database from 'better-sqlite3';
 import { IdempotentConsumer, shouldAcknowledge } from 'oncely/consumer';
-import { type SqliteInbox, sqliteInbox } from 'oncely/consumer/inbox';
 import { memoryStore } from 'oncely/stores/memory';
+import type { BusinessDb, Sql } from '../db.js';
 
 /**
  * A payment event, as published (JSON) and as recorded in the outbox.
@@ -54,17 +54,17 @@ export interface PaymentEvent {
  * ```
  */
 export interface Ledger {
-  /** Called synchronously INSIDE the payment's better-sqlite3 transaction: writes the event to the outbox table. */
-  recordInOutbox(event: PaymentEvent): void;
+  /** Write the event to the outbox table through `tx`, the payment's own transaction. */
+  recordInOutbox(tx: Sql, event: PaymentEvent): Promise<void>;
   /** Relay outbox → transport, start the consumer. */
   start(): Promise<void>;
   /** Stop relaying and consuming; close the broker connections. Never closes `db`. */
   stop(): Promise<void>;
   /** What the ledger recorded for one account, and its balance per currency. */
-  view(account: string): {
+  view(account: string): Promise<{
     data: Array<{ event: string; payment: string; amount: number; currency: string }>;
     balance: Record<string, number>;
-  };
+  }>;
 }
 
 /**
@@ -76,8 +76,8 @@ export interface Ledger {
  * ```
  */
 export interface LedgerOptions {
-  /** The business database: the outbox, the inbox and the entries live there. */
-  db: Database.Database;
+  /** The business database: the outbox, the inbox and the entries live there (its migrations create them). */
+  db: BusinessDb;
   /** `amqp://…`, `nats://…` or `redis://…`; none: in-process relay. */
   brokerUrl?: string;
   /** Consumer name: inbox consumer, NATS durable, Redis consumer group. Default `ledger`. */
@@ -108,29 +108,6 @@ export const PAYMENT_EVENTS = 'payments.events';
  * ```
  */
 export const PAYMENTS_STREAM = 'PAYMENTS';
-
-const SCHEMA = `
-CREATE TABLE IF NOT EXISTS ledger_outbox (
-  seq INTEGER PRIMARY KEY AUTOINCREMENT,
-  event_id TEXT NOT NULL,
-  payload TEXT NOT NULL,
-  created_at INTEGER NOT NULL,
-  published_at INTEGER
-);
-CREATE INDEX IF NOT EXISTS ledger_outbox_unpublished ON ledger_outbox (published_at, seq);
-CREATE TABLE IF NOT EXISTS ledger_entries (
-  seq INTEGER PRIMARY KEY AUTOINCREMENT,
-  event_id TEXT NOT NULL,
-  consumer TEXT NOT NULL,
-  type TEXT NOT NULL,
-  account TEXT NOT NULL,
-  payment TEXT NOT NULL,
-  amount INTEGER NOT NULL,
-  currency TEXT NOT NULL,
-  recorded_at INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS ledger_entries_account ON ledger_entries (consumer, account, seq);
-`;
 
 /**
  * Parse and check an event; `undefined` when it is not a valid
@@ -164,7 +141,8 @@ function serialise(event: PaymentEvent): string {
 }
 
 interface OutboxRow {
-  seq: number;
+  /** A number, or a string for PostgreSQL's BIGINT. */
+  seq: number | string;
   event_id: string;
   payload: string;
 }
@@ -179,7 +157,7 @@ interface Transport {
 }
 
 /** Apply one payload copy, keyed by its event id (or the transport id when it has none). */
-type Deliver = (payload: string | Uint8Array, transportId: string) => { eventId: string; ignored: boolean };
+type Deliver = (payload: string | Uint8Array, transportId: string) => Promise<{ eventId: string; ignored: boolean }>;
 
 /**
  * Make the ledger over the business database. See the module documentation.
@@ -196,32 +174,33 @@ export function createLedger(options: LedgerOptions): Ledger {
   const topic = options.topic ?? PAYMENT_EVENTS;
   const natsStream = options.natsStream ?? PAYMENTS_STREAM;
   const relayIntervalMs = options.relayIntervalMs ?? 100;
-  db.exec(SCHEMA);
-  const inbox: SqliteInbox<Database.Database> = sqliteInbox({ database: db, consumer: name, table: 'ledger_inbox' });
-  const insertOutbox = db.prepare('INSERT INTO ledger_outbox (event_id, payload, created_at) VALUES (?, ?, ?)');
-  const unpublished = db.prepare(
-    'SELECT seq, event_id, payload FROM ledger_outbox WHERE published_at IS NULL ORDER BY seq LIMIT 100',
-  );
-  const markPublished = db.prepare('UPDATE ledger_outbox SET published_at = ? WHERE seq = ?');
-  const insertEntry = db.prepare(
-    `INSERT INTO ledger_entries (event_id, consumer, type, account, payment, amount, currency, recorded_at)
-     VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
-  );
-  const entriesOf = db.prepare(
-    'SELECT type, payment, amount, currency FROM ledger_entries WHERE consumer = ? AND account = ? ORDER BY seq',
-  );
+  const t = db.tables;
+  const insertOutbox = `INSERT INTO ${t.ledgerOutbox} (event_id, payload, created_at) VALUES (?, ?, ?)`;
+  const unpublished = `SELECT seq, event_id, payload FROM ${t.ledgerOutbox} WHERE published_at IS NULL ORDER BY seq LIMIT 100`;
+  const markPublished = `UPDATE ${t.ledgerOutbox} SET published_at = ? WHERE seq = ?`;
+  const insertEntry = `INSERT INTO ${t.ledgerEntries} (event_id, consumer, type, account, payment, amount, currency, recorded_at)
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?)`;
+  const entriesOf = `SELECT type, payment, amount, currency FROM ${t.ledgerEntries} WHERE consumer = ? AND account = ? ORDER BY seq`;
 
   /** The consumer side: the event id is the key, whatever the transport's own id. */
-  const deliver: Deliver = (payload, transportId) => {
+  const deliver: Deliver = async (payload, transportId) => {
     const event = parsePaymentEvent(payload);
     if (!event) {
       // A poison message must not block the queue: reported and acknowledged.
       console.error(`[ledger] ignored an invalid payment event (transport id ${transportId})`);
       return { eventId: transportId, ignored: true };
     }
-    inbox.handle(event.id, () => {
-      insertEntry.run(event.id, name, event.type, event.account, event.payment, event.amount, event.currency, Date.now());
-    });
+    // The transactional inbox: the entry and the processed event id commit together.
+    await db.applyOnce(name, event.id, insertEntry, [
+      event.id,
+      name,
+      event.type,
+      event.account,
+      event.payment,
+      event.amount,
+      event.currency,
+      Date.now(),
+    ]);
     return { eventId: event.id, ignored: false };
   };
 
@@ -235,12 +214,14 @@ export function createLedger(options: LedgerOptions): Ledger {
   const local = new IdempotentConsumer<OutboxRow>({
     name: `${name}-local`,
     store: memoryStore(),
-    handler: ({ message }) => void deliver(message.payload, String(message.seq)),
+    handler: async ({ message }) => {
+      await deliver(message.payload, String(message.seq));
+    },
   });
 
   const relayOnce = async (): Promise<void> => {
     while (!stopped) {
-      const rows = unpublished.all() as OutboxRow[];
+      const rows = await db.all<OutboxRow>(unpublished);
       if (rows.length === 0) return;
       for (const row of rows) {
         if (stopped) return;
@@ -250,7 +231,7 @@ export function createLedger(options: LedgerOptions): Ledger {
           if (!shouldAcknowledge(verdict)) return; // retried on the next tick
         }
         // Published (or applied) before it is marked: a crash in between only re-sends a copy the inbox recognises.
-        markPublished.run(Date.now(), row.seq);
+        await db.run(markPublished, [Date.now(), row.seq]);
       }
     }
   };
@@ -264,12 +245,11 @@ export function createLedger(options: LedgerOptions): Ledger {
   };
 
   return {
-    recordInOutbox(event) {
+    async recordInOutbox(tx, event) {
       const checked = parsePaymentEvent(serialise(event));
       if (!checked) throw new TypeError(`not a valid payment event: ${JSON.stringify(event)}`);
-      insertOutbox.run(checked.id, serialise(checked), Date.now());
-      // After the caller's transaction commits (it is synchronous), relay soon.
-      if (started) setImmediate(kick);
+      await tx.run(insertOutbox, [checked.id, serialise(checked), Date.now()]);
+      // Relayed by the next poll, once the caller's transaction has committed.
     },
     async start() {
       if (started) return;
@@ -289,14 +269,12 @@ export function createLedger(options: LedgerOptions): Ledger {
       await transport?.close();
       transport = undefined;
     },
-    view(account) {
-      const rows = entriesOf.all(name, account) as Array<{ type: string; payment: string; amount: number; currency: string }>;
+    async view(account) {
+      const rows = await db.all<{ type: string; payment: string; amount: number | string; currency: string }>(entriesOf, [name, account]);
+      const data = rows.map((row) => ({ event: row.type, payment: row.payment, amount: Number(row.amount), currency: row.currency }));
       const balance: Record<string, number> = {};
-      for (const row of rows) balance[row.currency] = (balance[row.currency] ?? 0) + row.amount;
-      return {
-        data: rows.map((row) => ({ event: row.type, payment: row.payment, amount: row.amount, currency: row.currency })),
-        balance,
-      };
+      for (const entry of data) balance[entry.currency] = (balance[entry.currency] ?? 0) + entry.amount;
+      return { data, balance };
     },
   };
 }
@@ -342,7 +320,9 @@ async function amqpTransport(url: string, { name, topic }: TransportNames): Prom
         name,
         store: consumerStore(),
         messageId: (message) => parsePaymentEvent(message.content)?.id ?? (message.properties.messageId as string | undefined),
-        handler: ({ message, id }) => void deliver(message.content, id),
+        handler: async ({ message, id }) => {
+          await deliver(message.content, id);
+        },
       });
     },
     async close() {
@@ -385,7 +365,9 @@ async function natsTransport(url: string, { name, topic, natsStream }: Transport
         name,
         store: consumerStore(),
         messageId: (message) => parsePaymentEvent(message.data)?.id ?? message.headers?.get('Nats-Msg-Id') ?? `${message.info.stream}:${message.seq}`,
-        handler: ({ message, id }) => void deliver(message.data, id),
+        handler: async ({ message, id }) => {
+          await deliver(message.data, id);
+        },
       });
     },
     async close() {
@@ -417,7 +399,9 @@ async function redisTransport(url: string, { name, topic }: TransportNames): Pro
         blockMs: 500,
         minIdleMs: 10_000,
         messageId: (entry) => parsePaymentEvent(entry.fields.event ?? '')?.id ?? entry.fields.id ?? entry.id,
-        handler: ({ message, id }) => void deliver(message.fields.event ?? '', id),
+        handler: async ({ message, id }) => {
+          await deliver(message.fields.event ?? '', id);
+        },
       });
     },
     async close() {

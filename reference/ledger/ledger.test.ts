@@ -2,6 +2,8 @@
  * The ledger over each transport, with the real brokers: an event published
  * three times (sequentially, concurrently, and once with another transport
  * id) appears once; an event whose payment transaction rolls back never does.
+ * The in-process outbox also on PostgreSQL and MySQL business databases
+ * (their inboxes differ), each test on its own table prefix.
  */
 import { randomBytes } from 'node:crypto';
 import { rmSync } from 'node:fs';
@@ -10,17 +12,17 @@ import { join } from 'node:path';
 import { jetstream, jetstreamManager } from '@nats-io/jetstream';
 import { connect as natsConnect } from '@nats-io/transport-node';
 import amqp from 'amqplib';
-import Database from 'better-sqlite3';
 import { Redis } from 'ioredis';
 import { afterEach, describe, expect, it } from 'vitest';
+import { type BusinessDb, dropTables, openBusinessDb } from '../db.js';
 import { createLedger, type Ledger, type PaymentEvent } from './index.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-async function waitFor(check: () => boolean, timeoutMs = 15_000): Promise<void> {
+async function waitFor(check: () => Promise<boolean>, timeoutMs = 15_000): Promise<void> {
   const until = Date.now() + timeoutMs;
   while (Date.now() < until) {
-    if (check()) return;
+    if (await check()) return;
     await sleep(25);
   }
   throw new Error('timed out');
@@ -104,17 +106,39 @@ const event = (id: string, account: string, amount: number, currency = 'EUR'): P
   currency,
 });
 
+const POSTGRES_URL = process.env.REFERENCE_POSTGRES_URL ?? 'postgres://postgres@127.0.0.1:5432/test';
+const MYSQL_URL = process.env.REFERENCE_MYSQL_URL ?? 'mysql://root@127.0.0.1:3306/test';
+
+/** The business database of one test: a SQLite file, or its own tables on a shared server. */
+async function openDb(kind: 'sqlite' | 'postgres' | 'mysql', s: string): Promise<BusinessDb> {
+  if (kind === 'sqlite') {
+    const path = join(tmpdir(), `oncely-ledger-${s}.db`);
+    const db = await openBusinessDb({ url: `sqlite:${path}` });
+    cleanups.push(async () => {
+      await db.close();
+      for (const ext of ['', '-wal', '-shm']) rmSync(path + ext, { force: true });
+    });
+    return db;
+  }
+  const db = await openBusinessDb({ url: kind === 'postgres' ? POSTGRES_URL : MYSQL_URL, prefix: `l${s}_` });
+  cleanups.push(async () => {
+    await dropTables(db);
+    await db.close();
+  });
+  return db;
+}
+
+const cases: Array<[string, 'sqlite' | 'postgres' | 'mysql', Broker]> = [
+  ...Object.entries(brokers).map(([transport, broker]): [string, 'sqlite', Broker] => [`${transport} on sqlite`, 'sqlite', broker]),
+  ['in-process outbox on postgres', 'postgres', brokers['in-process outbox']!],
+  ['in-process outbox on mysql', 'mysql', brokers['in-process outbox']!],
+];
+
 describe('ledger', () => {
-  for (const [transport, broker] of Object.entries(brokers)) {
-    it(`${transport}: each event appears once, however many copies arrive and with whatever transport id`, async () => {
+  for (const [name, kind, broker] of cases) {
+    it(`${name}: each event appears once, however many copies arrive and with whatever transport id`, async () => {
       const s = randomBytes(4).toString('hex');
-      const dbPath = join(tmpdir(), `oncely-ledger-${s}.db`);
-      const db = new Database(dbPath);
-      db.pragma('journal_mode = WAL');
-      cleanups.push(() => {
-        db.close();
-        for (const ext of ['', '-wal', '-shm']) rmSync(dbPath + ext, { force: true });
-      });
+      const db = await openDb(kind, s);
       const names = { topic: `payments.events.test.${s}`, natsStream: `PAYMENTS_TEST_${s}`, name: `ledger_${s}` };
       const ledger: Ledger = createLedger({ db, brokerUrl: broker.url, relayIntervalMs: 20, ...names });
       await ledger.start();
@@ -125,14 +149,14 @@ describe('ledger', () => {
       const account = `acct_${s}`;
       // Through the outbox, recorded three times inside payment transactions.
       const a = event(`evt_a_${s}`, account, 1_000);
-      for (let i = 0; i < 3; i++) db.transaction(() => ledger.recordInOutbox(a))();
+      for (let i = 0; i < 3; i++) await db.transaction((tx) => ledger.recordInOutbox(tx, a));
       // A payment transaction that rolls back: its event never leaves the outbox.
-      expect(() =>
-        db.transaction(() => {
-          ledger.recordInOutbox(event(`evt_rolled_back_${s}`, account, 99_999));
+      await expect(
+        db.transaction(async (tx) => {
+          await ledger.recordInOutbox(tx, event(`evt_rolled_back_${s}`, account, 99_999));
           throw new Error('payment failed');
-        })(),
-      ).toThrow('payment failed');
+        }),
+      ).rejects.toThrow('payment failed');
       if (broker.url) {
         // Published by another program: sequentially (once with another transport id)…
         const b = event(`evt_b_${s}`, account, 250);
@@ -144,9 +168,9 @@ describe('ledger', () => {
         await Promise.all([1, 2, 3].map((n) => direct.publish(JSON.stringify(c), `copy-${n}-${s}`)));
       }
       const expected = broker.url ? 3 : 1;
-      await waitFor(() => ledger.view(account).data.length >= expected);
+      await waitFor(async () => (await ledger.view(account)).data.length >= expected);
       await sleep(800); // late copies would show up now
-      const view = ledger.view(account);
+      const view = await ledger.view(account);
       expect(view.data.map((e) => e.payment).sort()).toEqual(
         (broker.url ? [`pay_evt_a_${s}`, `pay_evt_b_${s}`, `pay_evt_c_${s}`] : [`pay_evt_a_${s}`]).sort(),
       );
@@ -154,4 +178,22 @@ describe('ledger', () => {
       expect(view.data[0]).toMatchObject({ event: 'payment.succeeded', amount: expect.any(Number), currency: expect.any(String) });
     });
   }
+
+  it.each(['sqlite', 'postgres', 'mysql'] as const)(
+    'the %s inbox applies an event id once when copies arrive at the same moment',
+    async (kind) => {
+      const s = randomBytes(4).toString('hex');
+      const db = await openDb(kind, s);
+      const insert = `INSERT INTO ${db.tables.ledgerEntries} (event_id, consumer, type, account, payment, amount, currency, recorded_at)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?)`;
+      const params = [`evt_${s}`, 'c', 'payment.succeeded', `acct_${s}`, `pay_${s}`, 5, 'EUR', Date.now()];
+      const applied = await Promise.all(Array.from({ length: 10 }, () => db.applyOnce('c', `evt_${s}`, insert, params)));
+      expect(applied.filter(Boolean)).toHaveLength(1);
+      // A failing write leaves no processed id: the next copy runs.
+      await expect(db.applyOnce('c', `evt2_${s}`, `INSERT INTO ${db.tables.ledgerEntries} (event_id) VALUES (?)`, ['x'])).rejects.toThrow();
+      expect(await db.applyOnce('c', `evt2_${s}`, insert, [`evt2_${s}`, ...params.slice(1)])).toBe(true);
+      const rows = await db.all(`SELECT event_id FROM ${db.tables.ledgerEntries} WHERE account = ?`, [`acct_${s}`]);
+      expect(rows).toHaveLength(2);
+    },
+  );
 });

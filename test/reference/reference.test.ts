@@ -131,7 +131,7 @@ describe.each(variants)('reference system on the %s store', (kind, storeUrl) => 
   it('answers GET /healthz without a token', async () => {
     const res = await call(url, 'GET', '/healthz', { account: null });
     expect(res.status).toBe(200);
-    expect(res.json()).toMatchObject({ status: 'ok', store: kind, idempotency: true });
+    expect(res.json()).toEqual({ status: 'ok', store: kind, database: 'sqlite', transactional: false, idempotency: true });
   });
 
   it('creates a payment: 201, Location, the body; GET /payments/:id and GET /payments return it', async () => {
@@ -439,7 +439,7 @@ describe.each(variants)('reference system on the %s store', (kind, storeUrl) => 
     expect((await call(url, 'GET', '/trades', { account })).json().data).toHaveLength(1);
   });
 
-  it('places an order that pays through POST /payments with a derived key', async () => {
+  it('places an order that reserves, then pays through POST /payments with the pay step\'s derived key', async () => {
     const account = fresh('acct');
     const key = fresh();
     const body = { currency: 'EUR', items: [{ sku: 'tea', quantity: 2, price: 350 }, { sku: 'cup', quantity: 1, price: 1200 }] };
@@ -461,11 +461,11 @@ describe.each(variants)('reference system on the %s store', (kind, storeUrl) => 
     expectProblem(await call(url, 'GET', '/orders/ord_nope', { account }), 404);
     expectProblem(await call(url, 'GET', `/orders/${order.id}`, { account: fresh('other') }), 404);
 
-    // The derived payment key is in the account's scope: paying it directly replays the order's payment.
+    // The pay step's key (derived from the order's record id) is in the account's scope: paying it directly replays the order's payment.
     const { deriveKey } = await import('oncely/client');
     const direct = await call(url, 'POST', '/payments', {
       account,
-      key: deriveKey(key, 'payment'),
+      key: deriveKey(recordId(key, account), 'pay'),
       body: { amount: 1900, currency: 'EUR', description: 'order of 2 item(s)' },
     });
     expect(direct.headers.get('idempotent-replayed')).toBe('true');
@@ -730,6 +730,11 @@ describe('referenceOptionsFromEnv', () => {
     expect(referenceOptionsFromEnv({})).toEqual({
       storeUrl: 'sqlite:./data/oncely.db',
       dataDir: './data',
+      databaseUrl: undefined,
+      tablePrefix: undefined,
+      transactional: 'auto',
+      fault: undefined,
+      baseUrl: undefined,
       host: '127.0.0.1',
       port: 3000,
       leaseMs: 30_000,
@@ -763,6 +768,11 @@ describe('referenceOptionsFromEnv', () => {
       ORDER_DELAY_MS: '20',
       BODY_LIMIT: '2048',
       BROKER_URL: 'nats://127.0.0.1:4222',
+      DATABASE_URL: 'postgres://app@db.internal/shop',
+      DATABASE_TABLE_PREFIX: 'test_',
+      TRANSACTIONAL: 'off',
+      FAULT: 'after-step:pay',
+      PAYMENTS_URL: 'http://payments.internal:8080',
     });
     expect(options).toMatchObject({
       storeUrl: 'memory:',
@@ -775,8 +785,15 @@ describe('referenceOptionsFromEnv', () => {
       orderDelayMs: 20,
       bodyLimit: 2048,
       brokerUrl: 'nats://127.0.0.1:4222',
+      databaseUrl: 'postgres://app@db.internal/shop',
+      tablePrefix: 'test_',
+      transactional: 'off',
+      fault: 'after-step:pay',
+      baseUrl: 'http://payments.internal:8080',
     });
     expect(() => referenceOptionsFromEnv({ PORT: 'abc' })).toThrow(/PORT/);
+    expect(() => referenceOptionsFromEnv({ TRANSACTIONAL: 'always' })).toThrow(/TRANSACTIONAL/);
+    expect(() => referenceOptionsFromEnv({ FAULT: 'somewhere' })).toThrow(/FAULT must be one of/);
     expect(() => referenceOptionsFromEnv({ LEASE_MS: '0' })).toThrow(/LEASE_MS/);
     expect(() => referenceOptionsFromEnv({ IDEMPOTENCY: 'maybe' })).toThrow(/IDEMPOTENCY/);
   });
