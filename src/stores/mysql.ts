@@ -16,6 +16,13 @@
  *   deleted by a background purge started with the store (stopped by
  *   `close()`): `DELETE … ORDER BY expires_at LIMIT n` on the `expires_at`
  *   index, repeated while a batch comes back full.
+ * - Process sessions: a row per process in `<table>_sessions` whose
+ *   `expires_at` each heartbeat moves (server clock). A claim stores its
+ *   owner session; a claim with `takeoverFrom` takes over a record of a
+ *   session that is not alive, checked in the same statement.
+ * - Transactional mode (with a pool): `transactions.open` takes a connection
+ *   (`getConnection()`) and runs `START TRANSACTION`; the completion is an
+ *   `UPDATE` fenced by the token inside that transaction, then `COMMIT`.
  *
  * @example
  * ```ts
@@ -28,6 +35,7 @@
  * ```
  * @module
  */
+import { createHash } from 'node:crypto';
 import type {
   ClaimInput,
   ClaimResult,
@@ -35,10 +43,13 @@ import type {
   IdempotencyStore,
   StoreCapabilities,
   StoredRecord,
+  StoreSessions,
+  StoreTransaction,
+  StoreTransactions,
 } from '../engine/store.js';
 import { newToken } from '../engine/token.js';
 import { inBatchOrder } from './batch.js';
-import { ConfigError, StoreUnavailableError } from '../errors/index.js';
+import { ConfigError, RolledBackError, StoreUnavailableError } from '../errors/index.js';
 import { type PurgeOptions, type PurgeTimer, purgeSettings, startPurge } from './purge.js';
 
 export { type PurgeOptions, type PurgeReport, type PurgeRunOptions, purgeExpiredRecords } from './purge.js';
@@ -72,6 +83,37 @@ export interface MysqlQueryable {
 export type MysqlValue = string | number | null;
 
 /**
+ * A connection taken from a `mysql2/promise` pool (`pool.getConnection()`),
+ * as transactional mode uses it: the handler gets it inside the open transaction.
+ *
+ * @example
+ * ```ts
+ * import type { PoolConnection } from 'mysql2/promise';
+ * const connection = await claim.transaction<PoolConnection>(); // a MysqlTransactionConnection
+ * await connection.execute('INSERT INTO payments (id, amount) VALUES (?, ?)', [id, amount]);
+ * ```
+ */
+export interface MysqlTransactionConnection extends MysqlQueryable {
+  /** Give the connection back to the pool. */
+  release(): void;
+  /** Close the connection (its state is unknown): the pool opens another. */
+  destroy(): void;
+}
+
+/**
+ * The part of a `mysql2/promise` pool transactional mode uses: one connection per transaction.
+ *
+ * @example
+ * ```ts
+ * import mysql from 'mysql2/promise';
+ * const transactionPool: MysqlTransactionPool = mysql.createPool({ host: '127.0.0.1', user: 'app', database: 'app' });
+ * ```
+ */
+export interface MysqlTransactionPool {
+  getConnection(): Promise<MysqlTransactionConnection>;
+}
+
+/**
  * Options of {@link mysqlStore}.
  *
  * @example
@@ -80,8 +122,21 @@ export type MysqlValue = string | number | null;
  * ```
  */
 export interface MysqlStoreOptions {
-  /** The user's `mysql2/promise` pool; the store never ends it. */
+  /**
+   * The user's `mysql2/promise` pool (or a single connection); the store
+   * never ends it. With a pool, transactional mode takes its connections
+   * from it unless `transactionPool` is given; a single connection has no
+   * transactional mode.
+   */
   pool: MysqlQueryable;
+  /**
+   * Where transactional mode takes a connection for each transaction.
+   * Default: `pool` when it is a pool. A pool of its own keeps the store's
+   * claims, renewals and session heartbeats from waiting for a connection
+   * behind long business transactions (a heartbeat that waits longer than
+   * the session TTL lets other processes take this process's claims over).
+   */
+  transactionPool?: MysqlTransactionPool;
   /** Table name, optionally `database.table`. Default `oncely_records`. */
   table?: string;
   /**
@@ -123,6 +178,12 @@ export interface MysqlMigrateOptions {
 export interface MysqlStore extends IdempotencyStore {
   /** The quoted table name the store uses. */
   readonly table: string;
+  /** The quoted name of the process sessions table (`<table>_sessions`). */
+  readonly sessionsTable: string;
+  /** Process sessions: one row per process, its expiry on the server clock. */
+  readonly sessions: StoreSessions;
+  /** Transactional mode; absent when `pool` is a single connection and no `transactionPool` was given. */
+  readonly transactions?: StoreTransactions<MysqlTransactionConnection>;
 }
 
 interface ResultHeader {
@@ -139,6 +200,7 @@ interface Row {
   lease_until: number | string;
   expires_at: number | string;
   outcome: string | null;
+  owner?: Buffer | string | null;
   now: number | string;
 }
 
@@ -158,7 +220,7 @@ const NOT_ACQUIRED = 3;
 const ER_LOCK_DEADLOCK = 1213;
 const MAX_ATTEMPTS = 8;
 
-function quoted(name: string | undefined): { table: string; index: string } {
+function quoted(name: string | undefined): { table: string; index: string; sessions: string } {
   const full = name ?? 'oncely_records';
   const parts = full.split('.');
   if (parts.length > 2 || !parts.every((part) => IDENTIFIER.test(part))) {
@@ -167,7 +229,11 @@ function quoted(name: string | undefined): { table: string; index: string } {
     );
   }
   const last = parts[parts.length - 1] as string;
-  return { table: parts.map((part) => `\`${part}\``).join('.'), index: `\`${`${last}_expires_at`.slice(0, 64)}\`` };
+  // A name too long for the suffix keeps a hash of the whole, so two long table names never share one.
+  const sessionsName =
+    last.length + 9 <= 64 ? `${last}_sessions` : `${last.slice(0, 46)}_${createHash('sha256').update(last).digest('hex').slice(0, 8)}_sessions`;
+  const sessions = [...parts.slice(0, -1), sessionsName].map((part) => `\`${part}\``).join('.');
+  return { table: parts.map((part) => `\`${part}\``).join('.'), index: `\`${`${last}_expires_at`.slice(0, 64)}\``, sessions };
 }
 
 /**
@@ -181,10 +247,16 @@ function quoted(name: string | undefined): { table: string; index: string } {
  * ```
  */
 export function mysqlSchemaSql(options: MysqlMigrateOptions = {}): string {
-  const { table, index } = quoted(options.table);
+  return schemaStatements(options).join(';\n\n');
+}
+
+/** The statements of {@link mysqlSchemaSql}, one by one (a pool runs one statement per query). */
+function schemaStatements(options: MysqlMigrateOptions): string[] {
+  const { table, index, sessions } = quoted(options.table);
   // Binary strings for ids, tokens and fingerprints: exact byte comparison,
   // no collation or trailing-space (PAD SPACE) surprises.
-  return `CREATE TABLE IF NOT EXISTS ${table} (
+  return [
+    `CREATE TABLE IF NOT EXISTS ${table} (
   id          VARBINARY(128)  NOT NULL,
   state       TINYINT         NOT NULL,            -- 0 in progress, 1 completed
   token       VARBINARY(64)   NULL,                -- fencing token of the current owner
@@ -193,18 +265,29 @@ export function mysqlSchemaSql(options: MysqlMigrateOptions = {}): string {
   expires_at  BIGINT          NOT NULL,            -- epoch ms, server clock
   takeover    TINYINT         NOT NULL DEFAULT 0,  -- the current owner took over an expired lease
   outcome     LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
+  owner       VARBINARY(128)  NULL,                -- process session of the current owner
   PRIMARY KEY (id),
   KEY ${index} (expires_at)
-) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin`;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin`,
+    `CREATE TABLE IF NOT EXISTS ${sessions} (
+  id          VARBINARY(128)  NOT NULL,            -- one row per live process
+  expires_at  BIGINT          NOT NULL,            -- epoch ms, server clock
+  PRIMARY KEY (id)
+) ENGINE = InnoDB`,
+  ];
 }
 
 /** MySQL error number of `ADD INDEX` when an index of that name exists (another process added it first). */
 const ER_DUP_KEYNAME = 1061;
+/** MySQL error number of `ADD COLUMN` when the column exists (another process added it first). */
+const ER_DUP_FIELDNAME = 1060;
 
 /**
- * Create the store's table when missing, and the `expires_at` index the
- * purge walks when a table made by an older schema lacks it (MySQL has no
- * `CREATE INDEX IF NOT EXISTS`, so the index is looked up first).
+ * Create the store's table and the process sessions table when missing,
+ * and, on a table made by an older version, the `expires_at` index the
+ * purge walks and the `owner` column of process sessions (MySQL has no
+ * `IF NOT EXISTS` for either, so they are looked up first). Run it again
+ * after upgrading oncely.
  *
  * @example
  * ```ts
@@ -215,7 +298,15 @@ const ER_DUP_KEYNAME = 1061;
  */
 export async function migrateMysql(pool: MysqlQueryable, options: MysqlMigrateOptions = {}): Promise<void> {
   const { table, index } = quoted(options.table);
-  await pool.query(mysqlSchemaSql(options));
+  for (const statement of schemaStatements(options)) await pool.query(statement);
+  const [columns] = await pool.query(`SHOW COLUMNS FROM ${table} LIKE 'owner'`);
+  if ((columns as unknown[]).length === 0) {
+    try {
+      await pool.query(`ALTER TABLE ${table} ADD COLUMN owner VARBINARY(128) NULL`);
+    } catch (error) {
+      if ((error as { errno?: number }).errno !== ER_DUP_FIELDNAME) throw error;
+    }
+  }
   const [rows] = await pool.query(`SHOW INDEX FROM ${table} WHERE Column_name = 'expires_at' AND Seq_in_index = 1`);
   if ((rows as unknown[]).length > 0) return;
   try {
@@ -240,41 +331,47 @@ export async function migrateMysql(pool: MysqlQueryable, options: MysqlMigrateOp
  */
 export function mysqlStore(options: MysqlStoreOptions): MysqlStore {
   const { pool } = options;
-  const { table: t } = quoted(options.table);
+  const { table: t, sessions: st } = quoted(options.table);
   const purging = purgeSettings(options.purge);
   let timer: PurgeTimer | undefined;
 
   // Assignments run left to right and each sees the values set before it
   // (MySQL and MariaDB alike). The first two decide on the old row; from
   // then on "token = VALUES(token)" (a fresh random token) means "won".
+  // `may` takes two parameters, both the session to take over from: a
+  // record in progress under it is taken over only while that session is
+  // not alive, checked here too, so that a session that came back after the
+  // caller looked keeps its claims.
   const won = 'token <=> VALUES(token)';
-  const may = `(expires_at <= ${NOW} OR (state = ${IN_PROGRESS} AND lease_until <= ${NOW} AND fingerprint <=> VALUES(fingerprint)))`;
+  const may = `(expires_at <= ${NOW} OR (state = ${IN_PROGRESS} AND fingerprint <=> VALUES(fingerprint) AND (lease_until <= ${NOW}
+    OR (owner = ? AND NOT EXISTS (SELECT 1 FROM ${st} s WHERE s.id = ? AND s.expires_at > ${NOW})))))`;
   const insert = (values: string, stateAssignment: string): string => `INSERT INTO ${t}
-  (id, state, token, fingerprint, lease_until, expires_at, takeover, outcome)
+  (id, state, token, fingerprint, lease_until, expires_at, takeover, outcome, owner)
   VALUES ${values}
   ON DUPLICATE KEY UPDATE
   takeover = IF(${may}, expires_at > ${NOW}, takeover),
   token = IF(${may}, VALUES(token), token),
   outcome = IF(${won}, NULL, outcome),
   fingerprint = IF(${won}, VALUES(fingerprint), fingerprint),
+  owner = IF(${won}, VALUES(owner), owner),
   ${stateAssignment},
   lease_until = IF(${won}, VALUES(lease_until), lease_until),
   expires_at = IF(${won}, IF(expires_at <= ${NOW}, VALUES(expires_at), GREATEST(expires_at, VALUES(expires_at))), expires_at)`;
-  const returningRow = `(?, ${IN_PROGRESS}, ?, ?, ${NOW} + ?, ${NOW} + GREATEST(?, ?), 0, NULL)`;
+  const returningRow = `(?, ${IN_PROGRESS}, ?, ?, ${NOW} + ?, ${NOW} + GREATEST(?, ?), 0, NULL, ?)`;
   const returningSql = (rows: number): string => `${insert(
     Array.from({ length: rows }, () => returningRow).join(', '),
     `state = IF(${won}, ${IN_PROGRESS}, state)`,
   )}
-  RETURNING id, token, takeover, state, fingerprint, lease_until, expires_at, outcome, ${NOW} AS now`;
+  RETURNING id, token, takeover, state, fingerprint, lease_until, expires_at, outcome, owner, ${NOW} AS now`;
   const claimReturningSql = returningSql(1);
   // MySQL: LAST_INSERT_ID(expr) sets the OK packet's insertId to
   // now * 4 + code (0 inserted, 1 acquired an expired record, 2 took over
   // an expired lease, 3 not acquired), so a won claim needs no read.
   const claimPlainSql = insert(
-    `(?, ${IN_PROGRESS}, ?, ?, (LAST_INSERT_ID(${NOW} * 4) DIV 4) + ?, ${NOW} + GREATEST(?, ?), 0, NULL)`,
+    `(?, ${IN_PROGRESS}, ?, ?, (LAST_INSERT_ID(${NOW} * 4) DIV 4) + ?, ${NOW} + GREATEST(?, ?), 0, NULL, ?)`,
     `state = IF(LAST_INSERT_ID(${NOW} * 4 + IF(${won}, 1 + takeover, ${NOT_ACQUIRED})) % 4 = ${NOT_ACQUIRED}, state, ${IN_PROGRESS})`,
   );
-  const selectSql = `SELECT token, takeover, state, fingerprint, lease_until, expires_at, outcome, ${NOW} AS now FROM ${t} WHERE id = ?`;
+  const selectSql = `SELECT token, takeover, state, fingerprint, lease_until, expires_at, outcome, owner, ${NOW} AS now FROM ${t} WHERE id = ?`;
   const renewSql = `UPDATE ${t} SET lease_until = ${NOW} + ?, expires_at = GREATEST(expires_at, ${NOW} + ?)
   WHERE id = ? AND token = ? AND state = ${IN_PROGRESS} AND expires_at > ${NOW}`;
   const completeSql = `UPDATE ${t} SET state = ${COMPLETED}, outcome = ?, expires_at = ${NOW} + ?
@@ -284,6 +381,11 @@ export function mysqlStore(options: MysqlStoreOptions): MysqlStore {
   // An expired row is absent already; it is left to the purge.
   const deleteSql = `DELETE FROM ${t} WHERE id = ? AND expires_at > ${NOW}`;
   const purgeSql = `DELETE FROM ${t} WHERE expires_at <= ${NOW} ORDER BY expires_at LIMIT ?`;
+  // Sessions that ended: a handful of rows (one per process that stopped since the last batch).
+  const purgeSessionsSql = `DELETE FROM ${st} WHERE expires_at <= ${NOW} LIMIT ?`;
+  const heartbeatSql = `INSERT INTO ${st} (id, expires_at) VALUES (?, ${NOW} + ?) ON DUPLICATE KEY UPDATE expires_at = VALUES(expires_at)`;
+  const aliveSql = `SELECT 1 AS alive FROM ${st} WHERE id = ? AND expires_at > ${NOW}`;
+  const endSql = `DELETE FROM ${st} WHERE id = ?`;
 
   let returning: Promise<boolean> | undefined =
     options.returning === undefined ? undefined : Promise.resolve(options.returning);
@@ -303,7 +405,7 @@ export function mysqlStore(options: MysqlStoreOptions): MysqlStore {
       try {
         return (await pool.execute(sql, values))[0];
       } catch (error) {
-        if ((error as { errno?: number }).errno !== ER_LOCK_DEADLOCK || attempt >= MAX_ATTEMPTS) throw error;
+        if ((error as { errno?: number }).errno !== ER_LOCK_DEADLOCK || attempt >= MAX_ATTEMPTS) throw schemaError(error, options);
       }
     }
   };
@@ -322,17 +424,42 @@ export function mysqlStore(options: MysqlStoreOptions): MysqlStore {
     if (Number(row.state) === COMPLETED) return { status: 'completed', record: completed(row, fingerprint) };
     const leaseUntil = Number(row.lease_until);
     if (leaseUntil <= now && fingerprint === input.fingerprint) return undefined;
-    return { status: 'in_progress', fingerprint, leaseUntil, now };
+    const owner = text(row.owner);
+    return owner === null
+      ? { status: 'in_progress', fingerprint, leaseUntil, now }
+      : { status: 'in_progress', fingerprint, leaseUntil, now, owner };
   };
+
+  const sessions: StoreSessions = {
+    async heartbeat(session, ttlMs) {
+      await execute(heartbeatSql, [session, Math.round(ttlMs)]);
+    },
+    async alive(session) {
+      return ((await execute(aliveSql, [session])) as unknown[]).length > 0;
+    },
+    async end(session) {
+      await execute(endSql, [session]);
+    },
+  };
+
+  const transactionPool = options.transactionPool ?? (isMysqlPool(pool) ? pool : undefined);
+  const transactions: StoreTransactions<MysqlTransactionConnection> | undefined =
+    transactionPool === undefined
+      ? undefined
+      : { open: (id, token) => openTransaction(transactionPool, id, token, completeSql) };
 
   const store: MysqlStore = {
     name: 'mysql',
     capabilities: CAPABILITIES,
     table: t,
+    sessionsTable: st,
+    sessions,
+    transactions,
     async claim(id, input) {
       const token = newToken();
       const leaseMs = Math.round(input.leaseMs);
-      const values = [id, token, input.fingerprint, leaseMs, leaseMs, Math.round(input.ttlMs)];
+      const from = input.takeoverFrom ?? null;
+      const values = [id, token, input.fingerprint, leaseMs, leaseMs, Math.round(input.ttlMs), input.owner ?? null, from, from, from, from];
       const withReturning = await detect();
       for (let attempt = 0; attempt < MAX_ATTEMPTS; attempt++) {
         if (withReturning) {
@@ -370,14 +497,22 @@ export function mysqlStore(options: MysqlStoreOptions): MysqlStore {
       }
       for (let attempt = 0; attempt < MAX_ATTEMPTS && pending.length > 0; attempt++) {
         // One multi-row statement, rows in id order, so that overlapping batches lock in the same order.
-        const values = pending.flatMap((id) => [
-          id,
-          tokens.get(id) as string,
-          input.fingerprint,
-          Math.round(input.leaseMs),
-          Math.round(input.leaseMs),
-          Math.round(input.ttlMs),
-        ]);
+        const from = input.takeoverFrom ?? null;
+        const values = [
+          ...pending.flatMap((id) => [
+            id,
+            tokens.get(id) as string,
+            input.fingerprint,
+            Math.round(input.leaseMs),
+            Math.round(input.leaseMs),
+            Math.round(input.ttlMs),
+            input.owner ?? null,
+          ]),
+          from,
+          from,
+          from,
+          from,
+        ];
         const rows = (await execute(returningSql(pending.length), values)) as Row[];
         const byId = new Map(rows.map((row) => [text(row.id) as string, row]));
         for (const id of pending) {
@@ -417,6 +552,7 @@ export function mysqlStore(options: MysqlStoreOptions): MysqlStore {
     async purgeExpired(limit) {
       const n = Math.max(0, Math.floor(limit));
       if (n === 0) return 0;
+      await header(purgeSessionsSql, [n]);
       return (await header(purgeSql, [n])).affectedRows;
     },
     async close() {
@@ -427,6 +563,107 @@ export function mysqlStore(options: MysqlStoreOptions): MysqlStore {
   };
   timer = purging === undefined ? undefined : startPurge(store, purging);
   return store;
+}
+
+/** A `mysql2` pool hands out connections (`getConnection`); a single connection has none to give. */
+function isMysqlPool(pool: MysqlQueryable): pool is MysqlQueryable & MysqlTransactionPool {
+  return typeof (pool as { getConnection?: unknown }).getConnection === 'function';
+}
+
+/** MySQL error numbers of an unknown column and a missing table: the schema predates this version. */
+const ER_BAD_FIELD_ERROR = 1054;
+const ER_NO_SUCH_TABLE = 1146;
+
+/** Say what to do when the table lacks what this version needs (the owner column, the sessions table). */
+function schemaError(error: unknown, options: MysqlStoreOptions): unknown {
+  const errno = (error as { errno?: unknown } | null)?.errno;
+  if (errno !== ER_BAD_FIELD_ERROR && errno !== ER_NO_SUCH_TABLE) return error;
+  return new StoreUnavailableError(
+    `The oncely MySQL schema is missing or older than this version (${(error as Error).message}): ` +
+      `run migrateMysql(pool, ${JSON.stringify({ table: options.table })}) once; it adds the owner column and the sessions table.`,
+    { cause: error },
+  );
+}
+
+/** Bit of the OK packet's server status: a transaction is open on the connection. */
+const SERVER_STATUS_IN_TRANS = 1;
+
+/**
+ * Transactional mode: a connection of its own from the pool,
+ * `START TRANSACTION`, and at the end the fenced completion inside the
+ * transaction, then `COMMIT`. The connection goes back to the pool once the
+ * transaction is over either way, or is destroyed when its state is unknown.
+ */
+async function openTransaction(
+  transactionPool: MysqlTransactionPool,
+  id: string,
+  token: string,
+  completeSql: string,
+): Promise<StoreTransaction<MysqlTransactionConnection>> {
+  const connection = await transactionPool.getConnection();
+  try {
+    await connection.query('START TRANSACTION');
+  } catch (error) {
+    connection.destroy();
+    throw error;
+  }
+  let ended = false;
+  const end = (broken: boolean): void => {
+    if (ended) return;
+    ended = true;
+    if (broken) connection.destroy();
+    else connection.release();
+  };
+  const rollback = async (): Promise<void> => {
+    if (ended) return;
+    try {
+      await connection.query('ROLLBACK');
+      end(false);
+    } catch (error) {
+      end(true);
+      throw error;
+    }
+  };
+  return {
+    client: connection,
+    async commit(outcome, ttlMs) {
+      if (ended) throw new ConfigError(`The transaction of record ${id} has already ended.`);
+      try {
+        // A deadlock inside the handler rolls the whole transaction back, and a
+        // statement with an implicit commit (DDL) ends it: with autocommit on,
+        // the writes after it, and this completion, would each commit alone.
+        // The OK packet of a no-op says whether the transaction is still open.
+        const [status] = await connection.query('DO 0');
+        const serverStatus = (status as { serverStatus?: number }).serverStatus ?? SERVER_STATUS_IN_TRANS;
+        if ((serverStatus & SERVER_STATUS_IN_TRANS) === 0) {
+          throw new RolledBackError(
+            `The transaction of record ${id} ended inside the handler (a deadlock rolled it back, a statement committed ` +
+              'it implicitly, or the handler ran COMMIT or ROLLBACK): its writes cannot commit with the completion, which ' +
+              'was not stored.',
+          );
+        }
+        const [result] = await connection.execute(completeSql, [outcome, Math.round(ttlMs), id, token]);
+        if ((result as ResultHeader).affectedRows !== 1) {
+          // Fenced: another owner holds the record. Nothing of this run may stay.
+          await rollback();
+          return false;
+        }
+      } catch (error) {
+        await rollback().catch(() => undefined);
+        throw error;
+      }
+      try {
+        await connection.query('COMMIT');
+      } catch (error) {
+        // The outcome of a COMMIT that got no answer is unknown: the engine looks.
+        end(true);
+        throw error;
+      }
+      end(false);
+      return true;
+    },
+    rollback,
+  };
 }
 
 /** MariaDB has `INSERT … RETURNING` from 10.5 on; MySQL has none. */

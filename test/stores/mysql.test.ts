@@ -28,6 +28,8 @@ const suffix = randomBytes(6).toString('hex');
 const table = `oncely_test_${suffix}`;
 const plainTable = `oncely_plain_${suffix}`;
 const customTable = `custom_${suffix}`;
+/** The business table of the transactional-mode cases. */
+const business = `oncely_business_${suffix}`;
 const pools: mysql.Pool[] = [];
 const newPool = (): mysql.Pool => {
   const pool = mysql.createPool(config);
@@ -99,12 +101,27 @@ function counted(pool: MysqlQueryable): MysqlQueryable & { count: number } {
 beforeAll(async () => {
   await migrateMysql(admin, { table });
   await migrateMysql(admin, { table: plainTable });
+  await admin.query(`CREATE TABLE \`${business}\` (\`key\` VARCHAR(64) PRIMARY KEY, amount INT NOT NULL) ENGINE = InnoDB`);
 });
 
 afterAll(async () => {
-  for (const name of [table, plainTable, customTable, ...purgeTables]) await admin.query(`DROP TABLE IF EXISTS \`${name}\``);
+  for (const name of [table, plainTable, customTable, business, ...purgeTables]) {
+    await admin.query(`DROP TABLE IF EXISTS \`${name}\``);
+    await admin.query(`DROP TABLE IF EXISTS \`${name}_sessions\``);
+  }
   await Promise.all(pools.map((pool) => pool.end()));
 });
+
+/** Business writes of the transactional-mode conformance cases. */
+const transactionWrites = {
+  async write(client: unknown, key: string) {
+    await (client as mysql.PoolConnection).execute(`INSERT INTO \`${business}\` (\`key\`, amount) VALUES (?, 1)`, [key]);
+  },
+  async exists(key: string) {
+    const [found] = await admin.query(`SELECT 1 FROM \`${business}\` WHERE \`key\` = ?`, [key]);
+    return (found as unknown[]).length === 1;
+  },
+};
 
 defineStoreConformance(
   { describe, it, beforeAll, afterAll },
@@ -112,6 +129,7 @@ defineStoreConformance(
     name: 'mysql (MariaDB, RETURNING detected)',
     store: () => mysqlStore({ pool: newPool(), table, purge: false }),
     anotherClient: () => mysqlStore({ pool: newPool(), table, purge: false }),
+    transactionWrites,
   },
 );
 
@@ -122,6 +140,7 @@ defineStoreConformance(
     name: 'mysql (without RETURNING)',
     store: () => mysqlStore({ pool: newPool(), table: plainTable, returning: false, purge: false }),
     anotherClient: () => mysqlStore({ pool: newPool(), table: plainTable, returning: false, purge: false }),
+    transactionWrites,
   },
 );
 
