@@ -21,8 +21,9 @@ export function killAllServers(): void {
 }
 
 /**
- * Start `reference/main.ts` with PORT=0, SQLite files in `dir` and `env`,
- * and wait for its "listening on" line.
+ * Start `reference/main.ts` with PORT=0, SQLite files in `dir` and `env`
+ * (which may name another STORE_URL, a DATABASE_URL, a FAULT…), and wait
+ * for its "listening on" line.
  */
 export function startServer(dir: string, env: Record<string, string>, leaseMs = 1000): Promise<Server> {
   const child = spawn(process.execPath, ['--conditions=source', '--import', 'tsx', 'reference/main.ts'], {
@@ -70,4 +71,13 @@ export function kill9(server: Server): Promise<void> {
     server.child.once('exit', () => resolve());
     server.child.kill('SIGKILL');
   });
+}
+
+/** How a server ended: its exit code, or the signal that killed it (a FAULT hook's SIGKILL). */
+export function exitOf(server: Server): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+  const { child } = server;
+  if (child.exitCode !== null || child.signalCode !== null) {
+    return Promise.resolve({ code: child.exitCode, signal: child.signalCode });
+  }
+  return new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
 }
