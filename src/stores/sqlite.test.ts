@@ -47,9 +47,25 @@ afterAll(async () => {
   rmSync(dir, { recursive: true, force: true });
 });
 
+const conformanceDb = open(file);
+conformanceDb.exec('CREATE TABLE IF NOT EXISTS business (key TEXT PRIMARY KEY, amount INTEGER NOT NULL)');
 defineStoreConformance(
   { describe, it, beforeAll, afterAll },
-  { name: 'sqlite', store: () => make(file, { purge: false }), anotherClient: () => make(file, { purge: false }) },
+  {
+    name: 'sqlite',
+    store: () => {
+      const store = sqliteStore({ database: conformanceDb, purge: false });
+      stores.push(store);
+      return store;
+    },
+    anotherClient: () => make(file, { purge: false }),
+    transactionWrites: {
+      write: (client, key) => {
+        (client as Database.Database).prepare('INSERT INTO business (key, amount) VALUES (?, 1)').run(key);
+      },
+      exists: (key) => conformanceDb.prepare('SELECT 1 FROM business WHERE key = ?').get(key) !== undefined,
+    },
+  },
 );
 
 describe('sqlite store', () => {

@@ -17,6 +17,14 @@
  *   `close()`): batches of `purge.batch` records, oldest first on the
  *   `expires_at` index, one short write transaction each, repeated while a
  *   batch comes back full, yielding to the event loop between batches.
+ * - Process sessions: a row per process in `<table>_sessions` whose
+ *   `expires_at` (this machine's clock) each heartbeat moves.
+ * - Transactional mode: one transaction at a time per `Database` (one
+ *   connection cannot hold two), `BEGIN IMMEDIATE`, the handler writes
+ *   through the `Database`, and the fenced completion commits with them.
+ *   While it is open, the store's own writes (claims, renewals, completions
+ *   of other records, heartbeats) wait for it to end, so that none of them
+ *   is committed or rolled back with someone else's business writes.
  *
  * @example
  * ```ts
@@ -32,11 +40,15 @@ import type {
   ClaimResult,
   CompletedRecord,
   IdempotencyStore,
+  InProgressRecord,
   StoreCapabilities,
   StoredRecord,
+  StoreSessions,
+  StoreTransaction,
+  StoreTransactions,
 } from '../engine/store.js';
 import { newToken } from '../engine/token.js';
-import { ConfigError } from '../errors/index.js';
+import { ConfigError, RolledBackError, StoreUnavailableError } from '../errors/index.js';
 import { type PurgeOptions, purgeSettings, startPurge } from './purge.js';
 
 export { type PurgeOptions, type PurgeReport, type PurgeRunOptions, purgeExpiredRecords } from './purge.js';
@@ -95,7 +107,12 @@ export interface SqliteStoreOptions {
    * the connection. Default true; turn off to keep your own settings.
    */
   configure?: boolean;
-  /** `busy_timeout` in ms: how long a process waits for another's write lock. Default 5000. */
+  /**
+   * `busy_timeout` in ms: how long a process waits for another's write lock.
+   * Default 5000. Also how long the store's own writes, and the opening of
+   * a transaction, wait for a transaction of transactional mode open on the
+   * same `Database` to end.
+   */
   busyTimeoutMs?: number;
   /**
    * Background purge of expired records: a drain every `intervalMs`
@@ -137,6 +154,12 @@ export interface SqliteMigrateOptions {
 export interface SqliteStore extends IdempotencyStore {
   /** The table the store uses. */
   readonly table: string;
+  /** The process sessions table (`<table>_sessions`). */
+  readonly sessionsTable: string;
+  /** Process sessions: one row per process, its expiry on this machine's clock. */
+  readonly sessions: StoreSessions;
+  /** Transactional mode: the handler writes through the `Database`, inside the open transaction. */
+  readonly transactions: StoreTransactions<SqliteDatabase>;
 }
 
 const CAPABILITIES: StoreCapabilities = { nativeTtl: false, serverClock: false, shared: true, synchronous: true };
@@ -151,6 +174,7 @@ interface Row {
   lease_until: number;
   expires_at: number;
   outcome: string | null;
+  owner: string | null;
 }
 
 function tableName(table: string | undefined): string {
@@ -159,6 +183,69 @@ function tableName(table: string | undefined): string {
     throw new ConfigError(`SQLite table name ${JSON.stringify(name)} must be letters, digits and underscores.`);
   }
   return name;
+}
+
+/** The sessions table of `table` (SQLite has no length limit on names). */
+function sessionsTableName(table: string): string {
+  return `${table}_sessions`;
+}
+
+/**
+ * The transactional-mode gate of one `Database`: one connection holds at
+ * most one transaction, so transactions take turns, and the store's own
+ * writes wait while one is open (run inside it, they would commit or roll
+ * back with its business writes). Shared by every store on that `Database`.
+ */
+class Gate {
+  #held = false;
+  #idle: Promise<void> | undefined;
+  #wake: (() => void) | undefined;
+
+  get held(): boolean {
+    return this.#held;
+  }
+
+  /** Resolve once no transaction is open (in the order of the calls); reject after `ms`. */
+  async free(ms: number, what: string): Promise<void> {
+    const deadline = Date.now() + ms;
+    while (this.#held) {
+      const remaining = deadline - Date.now();
+      if (remaining <= 0) {
+        throw new StoreUnavailableError(
+          `SQLite: ${what} waited ${ms} ms (busyTimeoutMs) for the open transaction of transactional mode on this Database to end.`,
+        );
+      }
+      this.#idle ??= new Promise<void>((resolve) => {
+        this.#wake = resolve;
+      });
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([this.#idle, new Promise<void>((resolve) => (timer = setTimeout(resolve, remaining)))]);
+      clearTimeout(timer);
+    }
+  }
+
+  take(): void {
+    this.#held = true;
+  }
+
+  release(): void {
+    this.#held = false;
+    const wake = this.#wake;
+    this.#idle = undefined;
+    this.#wake = undefined;
+    wake?.();
+  }
+}
+
+const gates = new WeakMap<SqliteDatabase, Gate>();
+
+function gateOf(db: SqliteDatabase): Gate {
+  let gate = gates.get(db);
+  if (gate === undefined) {
+    gate = new Gate();
+    gates.set(db, gate);
+  }
+  return gate;
 }
 
 /**
@@ -180,14 +267,20 @@ export function sqliteSchemaSql(table = 'oncely_records'): string {
   fingerprint TEXT,
   lease_until INTEGER NOT NULL,
   expires_at INTEGER NOT NULL,
-  outcome TEXT
+  outcome TEXT,
+  owner TEXT
 );
-CREATE INDEX IF NOT EXISTS "${name}_expires_at" ON "${name}" (expires_at);`;
+CREATE INDEX IF NOT EXISTS "${name}_expires_at" ON "${name}" (expires_at);
+CREATE TABLE IF NOT EXISTS "${sessionsTableName(name)}" (
+  id TEXT NOT NULL PRIMARY KEY,
+  expires_at INTEGER NOT NULL
+) WITHOUT ROWID;`;
 }
 
 /**
- * Create the store's table and index in `db` when missing. {@link sqliteStore}
- * does this by itself unless `migrate: false`.
+ * Create the store's table, its index and the process sessions table in
+ * `db` when missing, and add the `owner` column to a table made by an
+ * earlier version. {@link sqliteStore} does this by itself unless `migrate: false`.
  *
  * @example
  * ```ts
@@ -197,7 +290,16 @@ CREATE INDEX IF NOT EXISTS "${name}_expires_at" ON "${name}" (expires_at);`;
  * ```
  */
 export function migrateSqlite(db: SqliteDatabase, options: SqliteMigrateOptions = {}): void {
-  db.exec(sqliteSchemaSql(tableName(options.table)));
+  const table = tableName(options.table);
+  db.exec(sqliteSchemaSql(table));
+  const columns = db.prepare(`SELECT count(*) AS n FROM pragma_table_info('${table}') WHERE name = 'owner'`).get() as { n: number };
+  if (columns.n > 0) return;
+  try {
+    db.exec(`ALTER TABLE "${table}" ADD COLUMN owner TEXT`);
+  } catch (error) {
+    // Another process added it first.
+    if (!/duplicate column name/i.test(String((error as Error).message))) throw error;
+  }
 }
 
 /**
@@ -230,53 +332,90 @@ export function sqliteStore(options: SqliteStoreOptions): SqliteStore {
   if (options.migrate !== false) migrateSqlite(db, { table });
 
   const t = `"${table}"`;
-  const begin = db.prepare('BEGIN IMMEDIATE');
-  const commit = db.prepare('COMMIT');
-  const rollback = db.prepare('ROLLBACK');
-  const select = db.prepare(
-    `SELECT state, token, fingerprint, lease_until, expires_at, outcome FROM ${t} WHERE id = ?`,
+  const st = `"${sessionsTableName(table)}"`;
+  const busyMs = Math.max(0, Math.floor(options.busyTimeoutMs ?? 5000));
+  const gate = gateOf(db);
+  let prepare: (source: string) => SqliteStatement = (source) => db.prepare(source);
+  if (options.migrate === false) {
+    // A schema from an earlier version fails here, at startup, with what to do.
+    prepare = (source) => {
+      try {
+        return db.prepare(source);
+      } catch (error) {
+        throw new ConfigError(
+          `The oncely SQLite schema of table ${JSON.stringify(table)} is missing or older than this version ` +
+            `(${(error as Error).message}): run migrateSqlite(database, { table: ${JSON.stringify(table)} }) once.`,
+        );
+      }
+    };
+  }
+  const begin = prepare('BEGIN IMMEDIATE');
+  const commit = prepare('COMMIT');
+  const rollback = prepare('ROLLBACK');
+  const select = prepare(
+    `SELECT state, token, fingerprint, lease_until, expires_at, outcome, owner FROM ${t} WHERE id = ?`,
   );
-  const insert = db.prepare(
-    `INSERT OR REPLACE INTO ${t} (id, state, token, fingerprint, lease_until, expires_at, outcome) VALUES (?, ${IN_PROGRESS}, ?, ?, ?, ?, NULL)`,
+  const insert = prepare(
+    `INSERT OR REPLACE INTO ${t} (id, state, token, fingerprint, lease_until, expires_at, outcome, owner) VALUES (?, ${IN_PROGRESS}, ?, ?, ?, ?, NULL, ?)`,
   );
-  const takeOver = db.prepare(
-    `UPDATE ${t} SET token = ?, lease_until = ?, expires_at = max(expires_at, ?) WHERE id = ?`,
+  const takeOver = prepare(
+    `UPDATE ${t} SET token = ?, lease_until = ?, expires_at = max(expires_at, ?), owner = ? WHERE id = ?`,
   );
-  const renewStmt = db.prepare(
+  const renewStmt = prepare(
     `UPDATE ${t} SET lease_until = ?, expires_at = max(expires_at, ?) WHERE id = ? AND token = ? AND state = ${IN_PROGRESS} AND expires_at > ?`,
   );
-  const completeStmt = db.prepare(
+  const completeStmt = prepare(
     `UPDATE ${t} SET state = ${COMPLETED}, outcome = ?, expires_at = ? WHERE id = ? AND token = ? AND state = ${IN_PROGRESS} AND expires_at > ?`,
   );
-  const releaseStmt = db.prepare(
+  const releaseStmt = prepare(
     `DELETE FROM ${t} WHERE id = ? AND token = ? AND state = ${IN_PROGRESS} AND expires_at > ?`,
   );
-  const getStmt = db.prepare(
-    `SELECT state, token, fingerprint, lease_until, expires_at, outcome FROM ${t} WHERE id = ? AND expires_at > ?`,
+  const getStmt = prepare(
+    `SELECT state, token, fingerprint, lease_until, expires_at, outcome, owner FROM ${t} WHERE id = ? AND expires_at > ?`,
   );
-  const deleteStmt = db.prepare(`DELETE FROM ${t} WHERE id = ? RETURNING expires_at`);
+  const deleteStmt = prepare(`DELETE FROM ${t} WHERE id = ? RETURNING expires_at`);
   // Oldest first on the expires_at index; by rowid, so the delete needs no
   // second lookup through the primary key.
-  const purgeStmt = db.prepare(
+  const purgeStmt = prepare(
     `DELETE FROM ${t} WHERE rowid IN (SELECT rowid FROM ${t} WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)`,
   );
+  const heartbeatStmt = prepare(
+    `INSERT INTO ${st} (id, expires_at) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at`,
+  );
+  const aliveStmt = prepare(`SELECT 1 AS alive FROM ${st} WHERE id = ? AND expires_at > ?`);
+  const endStmt = prepare(`DELETE FROM ${st} WHERE id = ?`);
+  // Sessions that ended: a handful of rows (one per process that stopped since the last batch).
+  const purgeSessionsStmt = prepare(`DELETE FROM ${st} WHERE expires_at <= ?`);
+
+  const inProgress = (row: Row, at: number): ClaimResult =>
+    row.owner === null
+      ? { status: 'in_progress', fingerprint: row.fingerprint, leaseUntil: row.lease_until, now: at }
+      : { status: 'in_progress', fingerprint: row.fingerprint, leaseUntil: row.lease_until, now: at, owner: row.owner };
+  /** The claim may take this live, in-progress record over: its lease ended, or its owner is the session named by `takeoverFrom` (whose liveness is checked under the write lock). */
+  const mayTake = (row: Row, input: ClaimInput, at: number): boolean =>
+    row.fingerprint === input.fingerprint &&
+    (row.lease_until <= at || (input.takeoverFrom !== undefined && row.owner === input.takeoverFrom));
 
   const decide = (id: string, input: ClaimInput, at: number): ClaimResult => {
     const row = select.get(id) as Row | undefined;
     const leaseUntil = at + Math.round(input.leaseMs);
     const expiresAt = at + Math.round(Math.max(input.ttlMs, input.leaseMs));
+    const owner = input.owner ?? null;
     if (row === undefined || row.expires_at <= at) {
       const token = newToken();
-      insert.run(id, token, input.fingerprint, leaseUntil, expiresAt);
+      insert.run(id, token, input.fingerprint, leaseUntil, expiresAt, owner);
       return { status: 'acquired', token, takeover: false, leaseUntil };
     }
     if (row.state === COMPLETED) return { status: 'completed', record: completed(row) };
-    if (row.lease_until <= at && row.fingerprint === input.fingerprint) {
+    // A session that came back after the caller looked keeps its claims.
+    const takeable =
+      mayTake(row, input, at) && (row.lease_until <= at || aliveStmt.get(row.owner, at) === undefined);
+    if (takeable) {
       const token = newToken();
-      takeOver.run(token, leaseUntil, expiresAt, id);
+      takeOver.run(token, leaseUntil, expiresAt, owner, id);
       return { status: 'acquired', token, takeover: true, leaseUntil };
     }
-    return { status: 'in_progress', fingerprint: row.fingerprint, leaseUntil: row.lease_until, now: at };
+    return inProgress(row, at);
   };
 
   /** Run `body` in one BEGIN IMMEDIATE transaction, or inside the caller's open transaction. */
@@ -293,16 +432,112 @@ export function sqliteStore(options: SqliteStoreOptions): SqliteStore {
     }
   };
 
-  const purge = (limit: number): number => purgeStmt.run(now(), Math.max(0, Math.floor(limit))).changes;
+  /**
+   * Run one of the store's writes now, or, while a transaction of
+   * transactional mode is open on this Database, once it has ended: run
+   * inside it, the write would commit or roll back with its business writes.
+   * Without an open transaction this adds nothing (no await).
+   */
+  const write = async <T>(what: string, body: () => T): Promise<T> => {
+    if (gate.held) await gate.free(busyMs, what);
+    return body();
+  };
+
+  const purge = (limit: number): number => {
+    const at = now();
+    purgeSessionsStmt.run(at);
+    return purgeStmt.run(at, Math.max(0, Math.floor(limit))).changes;
+  };
   // A database the user closed has nothing left to purge, and a transaction
-  // the user left open is not ours to write into: the drain ends quietly.
+  // left open is not ours to write into: the drain ends quietly.
   let timer =
     purging === undefined ? undefined : startPurge({ purgeExpired: async (limit) => (db.open && !db.inTransaction ? purge(limit) : 0) }, purging);
+
+  const sessions: StoreSessions = {
+    heartbeat: (session, ttlMs) =>
+      write('a session heartbeat', () => {
+        heartbeatStmt.run(session, now() + Math.round(ttlMs));
+      }),
+    async alive(session) {
+      return aliveStmt.get(session, now()) !== undefined;
+    },
+    end: (session) =>
+      write('the end of a session', () => {
+        endStmt.run(session);
+      }),
+  };
+
+  const transactions: StoreTransactions<SqliteDatabase> = {
+    async open(id, token): Promise<StoreTransaction<SqliteDatabase>> {
+      // Take turns: check and take in one synchronous step.
+      while (gate.held) await gate.free(busyMs, 'opening a transaction');
+      gate.take();
+      try {
+        begin.run();
+      } catch (error) {
+        gate.release();
+        throw error;
+      }
+      let ended = false;
+      const end = (): void => {
+        if (ended) return;
+        ended = true;
+        gate.release();
+      };
+      return {
+        client: db,
+        async commit(outcome, ttlMs) {
+          if (ended) throw new ConfigError(`The transaction of record ${id} has already ended.`);
+          try {
+            // Some errors roll a SQLite transaction back by themselves, and a
+            // handler may have run COMMIT or ROLLBACK: the completion would then commit alone.
+            if (!db.inTransaction) {
+              throw new RolledBackError(
+                `The transaction of record ${id} ended inside the handler (an error rolled it back, or the handler ran ` +
+                  'COMMIT or ROLLBACK): its writes cannot commit with the completion, which was not stored.',
+              );
+            }
+            const at = now();
+            if (completeStmt.run(outcome, at + Math.round(ttlMs), id, token, at).changes !== 1) {
+              // Fenced: another owner holds the record. Nothing of this run may stay.
+              rollback.run();
+              return false;
+            }
+            commit.run();
+            return true;
+          } catch (error) {
+            // A COMMIT that failed (SQLITE_BUSY, I/O) leaves the transaction open: roll it back.
+            if (db.inTransaction) {
+              try {
+                rollback.run();
+              } catch {
+                // The connection is broken; the error below says why.
+              }
+            }
+            throw error;
+          } finally {
+            end();
+          }
+        },
+        async rollback() {
+          if (ended) return;
+          try {
+            if (db.inTransaction) rollback.run();
+          } finally {
+            end();
+          }
+        },
+      };
+    },
+  };
 
   return {
     name: 'sqlite',
     capabilities: CAPABILITIES,
     table,
+    sessionsTable: sessionsTableName(table),
+    sessions,
+    transactions,
     async claim(id, input) {
       // A live record that this claim cannot take is answered from a plain
       // read, without the write lock: replays and duplicates in flight never
@@ -311,48 +546,50 @@ export function sqliteStore(options: SqliteStoreOptions): SqliteStore {
       const row = select.get(id) as Row | undefined;
       if (row !== undefined && row.expires_at > at) {
         if (row.state === COMPLETED) return { status: 'completed', record: completed(row) };
-        if (row.lease_until > at || row.fingerprint !== input.fingerprint) {
-          return { status: 'in_progress', fingerprint: row.fingerprint, leaseUntil: row.lease_until, now: at };
-        }
+        if (!mayTake(row, input, at)) return inProgress(row, at);
       }
-      return immediate(() => decide(id, input, now()));
+      return write('a claim', () => immediate(() => decide(id, input, now())));
     },
     async claimMany(ids, input) {
       if (ids.length === 0) return [];
-      return immediate(() => {
+      return write('a claim', () =>
+        immediate(() => {
+          const at = now();
+          return ids.map((id) => decide(id, input, at));
+        }),
+      );
+    },
+    renew: (id, token, leaseMs) =>
+      write('a renewal', () => {
         const at = now();
-        return ids.map((id) => decide(id, input, at));
-      });
-    },
-    async renew(id, token, leaseMs) {
-      const at = now();
-      const until = at + Math.round(leaseMs);
-      return renewStmt.run(until, until, id, token, at).changes === 1;
-    },
-    async complete(id, token, outcome, ttlMs) {
-      const at = now();
-      return completeStmt.run(outcome, at + Math.round(ttlMs), id, token, at).changes === 1;
-    },
-    async release(id, token) {
-      return releaseStmt.run(id, token, now()).changes === 1;
-    },
+        const until = at + Math.round(leaseMs);
+        return renewStmt.run(until, until, id, token, at).changes === 1;
+      }),
+    complete: (id, token, outcome, ttlMs) =>
+      write('a completion', () => {
+        const at = now();
+        return completeStmt.run(outcome, at + Math.round(ttlMs), id, token, at).changes === 1;
+      }),
+    release: (id, token) => write('a release', () => releaseStmt.run(id, token, now()).changes === 1),
     async get(id): Promise<StoredRecord | null> {
       const row = getStmt.get(id, now()) as Row | undefined;
       if (row === undefined) return null;
       if (row.state === COMPLETED) return completed(row);
-      return {
+      const record: InProgressRecord = {
         state: 'in_progress',
         fingerprint: row.fingerprint,
         leaseUntil: row.lease_until,
         expiresAt: row.expires_at,
       };
+      return record;
     },
-    async delete(id) {
-      const row = deleteStmt.get(id) as { expires_at: number } | undefined;
-      return row !== undefined && row.expires_at > now();
-    },
+    delete: (id) =>
+      write('a delete', () => {
+        const row = deleteStmt.get(id) as { expires_at: number } | undefined;
+        return row !== undefined && row.expires_at > now();
+      }),
     async purgeExpired(limit) {
-      return purge(limit);
+      return write('a purge', () => purge(limit));
     },
     async close() {
       await timer?.stop();
