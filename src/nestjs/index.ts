@@ -100,7 +100,9 @@ export interface NestIdempotencyOptions<R = NestRequest> extends HttpIdempotency
 }
 
 /** Options of {@link OncelyModule.forRootAsync}: the options come from a factory with injected dependencies. */
-export interface OncelyModuleAsyncOptions<R = NestRequest> extends Pick<ModuleMetadata, 'imports'> {
+export interface OncelyModuleAsyncOptions<R = NestRequest> {
+  /** Modules whose providers `useFactory` needs. */
+  imports?: ModuleMetadata['imports'];
   /** Providers given to `useFactory`, in order. */
   inject?: Array<InjectionToken | OptionalFactoryDependency>;
   /** Make the options (a store from your configuration, for example). `mode` is read from them; `global` is not. */

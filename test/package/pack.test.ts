@@ -325,7 +325,28 @@ function prepareWorkspace(): void {
     name: 'oncely-exports-check',
     private: true,
     type: 'module',
-    dependencies: { oncely: spec, '@types/express': versions['@types/express']!, fastify: versions.fastify!, express: versions.express! },
+    // The optional peers whose types the entry points' declarations import, as a user of each front door installs them.
+    dependencies: {
+      oncely: spec,
+      ...Object.fromEntries(
+        [
+          '@types/express',
+          'fastify',
+          'express',
+          'koa',
+          '@types/koa',
+          '@nestjs/common',
+          '@nestjs/core',
+          'rxjs',
+          'reflect-metadata',
+          '@middy/core',
+          '@types/aws-lambda',
+          '@opentelemetry/api',
+        ]
+          .filter((name) => versions[name] !== undefined)
+          .map((name) => [name, versions[name]!]),
+      ),
+    },
   });
 
   writeJson(join(workspace, 'package.json'), { name: 'oncely-pack-test', private: true, workspaces: ['examples/*', 'snippets', 'exports'] });
@@ -418,17 +439,27 @@ describe('the tarball', () => {
   });
 });
 
+/**
+ * The type errors that are oncely's: in its declarations, or in the check's own file. Errors
+ * inside a third-party declaration package (for example @types/koa against a newer
+ * content-disposition) are that package's, and printed, not failed on.
+ */
+function ownErrors(output: string): string[] {
+  const lines = output.split('\n').filter((line) => /error TS\d+/.test(line));
+  const foreign = lines.filter((line) => /node_modules\//.test(line) && !/node_modules\/oncely\//.test(line));
+  if (foreign.length > 0) console.warn(`type errors inside third-party declarations (not oncely's):\n${foreign.join('\n')}`);
+  return lines.filter((line) => !foreign.includes(line));
+}
+
 describe('the installed package', () => {
   it('type-checks every public entry point with skipLibCheck: false', async () => {
     const result = await typecheck('exports');
-    expect(result.stdout + result.stderr).toBe('');
+    expect(ownErrors(result.stdout + result.stderr)).toEqual([]);
   }, 5 * MINUTE);
 
   it('type-checks without the DOM lib, but for the known src/client findings', async () => {
     const result = await typecheck('exports/node-only');
-    const found = (result.stdout + result.stderr)
-      .split('\n')
-      .filter((line) => line.includes('error'))
+    const found = ownErrors(result.stdout + result.stderr)
       .map((line) => line.replace(/^.*node_modules\/oncely\/([^(]*)\(\d+,\d+\)/, '$1'));
     expect(found).toEqual(KNOWN_WITHOUT_DOM);
   }, 5 * MINUTE);
