@@ -49,6 +49,7 @@ const PUBLIC_SUBPATHS = [
   './fastify',
   './fetch',
   './koa',
+  './lambda',
   './nestjs',
   './package.json',
   './stores/encryption',
