@@ -19,6 +19,7 @@ import { oncely } from 'oncely/fastify';
 import { type EncryptionKey, encryptionKeysFromEnv, withEncryption } from 'oncely/stores/encryption';
 import { type BusinessDb, openBusinessDb, sameDatabase } from './db.js';
 import { orderRoutes } from './orders.js';
+import { openApiRoutes } from './openapi.js';
 import { createLedger, type Ledger } from './ledger/index.js';
 import { paymentRoutes } from './payments.js';
 import { clientErrorProblem, frameworkErrorProblem, installProblemHandlers, problem, sendProblem } from './problem.js';
@@ -375,6 +376,7 @@ async function setUp(
     });
   }
 
+  await openApiRoutes(app, options); // GET /openapi.json, made from the routes registered below
   const ctx: RouteContext = {
     db,
     transactional,
