@@ -443,7 +443,7 @@ export class Engine {
     switch (result.status) {
       case 'acquired':
         this.#events.emit('acquired', { id, takeover: result.takeover });
-        return { kind: 'run', claim: new Claim(this, id, result, sentAt, leaseMs, ttlMs) };
+        return { kind: 'run', claim: new Claim(this, id, result, sentAt, leaseMs, ttlMs, fingerprint) };
       case 'completed':
         if (fingerprint !== null && result.record.fingerprint !== null && result.record.fingerprint !== fingerprint) {
           this.#events.emit('mismatch', { id });
@@ -519,11 +519,22 @@ export class Claim implements SessionWatcher {
   #marker: string | undefined;
   readonly #session: ProcessSession | undefined;
   #transaction: Promise<StoreTransaction> | undefined;
+  // The request this claim runs: steps belong to it, not just to its key.
+  readonly #fingerprint: string | null;
   // Claims of this operation's steps while they run: they never outlive it.
   #steps: Set<Claim> | undefined;
 
   /** @internal Made by the engine, which has just won the claim. */
-  constructor(engine: Engine, id: string, acquired: ClaimAcquired, sentAt: number, leaseMs: number, ttlMs: number) {
+  constructor(
+    engine: Engine,
+    id: string,
+    acquired: ClaimAcquired,
+    sentAt: number,
+    leaseMs: number,
+    ttlMs: number,
+    fingerprint: string | null = null,
+  ) {
+    this.#fingerprint = fingerprint;
     this.#engine = engine;
     this.id = id;
     this.token = acquired.token;
@@ -739,7 +750,9 @@ export class Claim implements SessionWatcher {
     if (typeof name !== 'string' || name.length === 0) throw new ConfigError('A step needs a non-empty name.');
     if (this.settling) throw new ConfigError(`Step ${JSON.stringify(name)} was asked for after the operation settled.`);
     const engine = this.#engine;
-    const id = recordId(name, this.id, 'oncely:step');
+    // Keyed by the request's fingerprint too: a key released after a failure and reused for
+    // another request must not hand that request the first one's step results.
+    const id = recordId(name, `${this.id}\u0000${this.#fingerprint ?? ''}`, 'oncely:step');
     // An attempt cut off while it ran this step holds it until its session or lease ends: wait that long at most.
     const begun = await engine.begin({
       id,
@@ -873,7 +886,7 @@ export class Claim implements SessionWatcher {
       } catch (error) {
         // Only an unreachable store is worth another try; and only while the
         // lease is ours, so a retry can never land after a takeover.
-        const remaining = this.#leaseUntil - Date.now();
+        const remaining = this.leaseUntil - Date.now();
         if (!(error instanceof StoreUnavailableError) || remaining <= pause) {
           engine.emit('unsettled', { id: this.id, error });
           return 'unsettled';

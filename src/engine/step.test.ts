@@ -119,3 +119,21 @@ describe('recovery points: claim.step', () => {
     expect(shipped).toBe(1);
   });
 });
+
+describe('steps belong to the request, not only to its key', () => {
+  it('a key released after a failure and reused for another request does not get the first one\'s step results', async () => {
+    const engine = new Engine({ store: memoryStore() });
+    const key = id();
+    const first = await engine.begin({ id: key, fingerprint: 'order-A' });
+    if (first.kind !== 'run') throw new Error('expected run');
+    expect(await first.claim.step('reserve', () => 'reservation for A')).toBe('reservation for A');
+    await first.claim.release('failed later');
+    const second = await engine.begin({ id: key, fingerprint: 'order-B' });
+    if (second.kind !== 'run') throw new Error('expected run');
+    expect(await second.claim.step('reserve', () => 'reservation for B')).toBe('reservation for B');
+    await second.claim.release('failed later');
+    const again = await engine.begin({ id: key, fingerprint: 'order-A' });
+    if (again.kind !== 'run') throw new Error('expected run');
+    expect(await again.claim.step('reserve', () => 'reserved twice')).toBe('reservation for A');
+  });
+});
