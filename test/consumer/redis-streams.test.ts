@@ -237,11 +237,11 @@ describe('redis streams consumer (real Redis)', () => {
     expect(Object.values(effects).every((n) => n === '1')).toBe(true);
     expect(pair.every((c) => c.lines.some((l) => l.startsWith('done ')))).toBe(true);
     await Promise.all(pair.map((c) => c.kill()));
-    const keys = await redis.keys(`${prefix}:*`);
+    const written = await redis.keys(`${prefix}:*`);
     // One record per message; beside them each consumer process's session key (ends with its TTL).
-    const records = keys.filter((key) => !key.startsWith(`${prefix}:session:`));
+    const records = written.filter((key) => !key.startsWith(`${prefix}:session:`));
     expect(records.length).toBe(20);
-    await redis.del(...keys);
+    await redis.del(...written);
   });
 
   it('a consumer that fails to start (the key is not a stream) stops listening to a shared engine', async () => {
