@@ -14,6 +14,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { type EncryptionKey, encryptionKeysFromEnv } from '../stores/encryption.js';
 import { formatInspection, inspectKey, openStoreUrl, purge, redact } from './inspect.js';
+import { formatOpenApiReport, OPENAPI_TOOLS, verifyOpenApi } from './openapi.js';
 import { renderTable } from './table.js';
 import { CHECK_NAMES, type CheckName, DEFAULT_BODY, type VerifyReport, verify } from './verify.js';
 
@@ -34,9 +35,16 @@ Commands:
 
 Run \`oncely <command> --help\` for a command's options.`,
   verify: `Usage: oncely verify <url> [options]
+       oncely verify --openapi <file or URL> [<base-url>] [options]
 
 Sends a bounded series of requests to <url> and reports, per check, pass or
 fail with the evidence: ${CHECK_NAMES.join(', ')}.
+
+With --openapi, runs the checks against every POST and PATCH operation of an
+OpenAPI 3 document, with bodies sampled from its schemas, and reports which
+operations are protected and which are not. <base-url> defaults to the
+document's first server. Needs ${OPENAPI_TOOLS.parser} and ${OPENAPI_TOOLS.sampler}
+in your project (oncely does not install them).
 
 Options:
   -X, --method <m>        method [POST]
@@ -50,10 +58,17 @@ Options:
       --id-field <path>   where the resource id is in a JSON answer, dotted [id];
                           else the Location header
       --skip <check>      do not run this check (repeatable)
+      --openapi <doc>     check the POST and PATCH operations of this OpenAPI 3
+                          document (a file or an http(s) URL) instead of one URL;
+                          -X and -d do not apply, --max-time bounds the whole run
+                          [120s per operation]
+      --exclude <op>      with --openapi: leave out 'METHOD /path' or an
+                          operationId (repeatable)
       --json              machine-readable results on stdout
   -h, --help              this help
 
-Exit code: 0 when every check passed, 1 when some failed, 2 on usage errors.`,
+Exit code: 0 when every check passed (every operation protected), 1 when
+some failed, 2 on usage errors.`,
   inspect: `Usage: oncely inspect --key <key> [--store <url>] [options]
 
 Shows the record oncely keeps for a key: state, fingerprint, lease, expiry,
@@ -176,6 +191,8 @@ async function runVerify(args: readonly string[], io: Io): Promise<number> {
       'max-time': { type: 'string' },
       'id-field': { type: 'string' },
       skip: { type: 'string', multiple: true },
+      openapi: { type: 'string' },
+      exclude: { type: 'string', multiple: true },
       json: { type: 'boolean' },
       help: { type: 'boolean', short: 'h' },
     },
@@ -184,15 +201,27 @@ async function runVerify(args: readonly string[], io: Io): Promise<number> {
     io.out(HELP.verify);
     return 0;
   }
-  if (positionals.length !== 1) throw new UsageError('verify takes exactly one URL');
-  const url = positionals[0]!;
-  let parsed: URL;
-  try {
-    parsed = new URL(url);
-  } catch {
-    throw new UsageError(`not a URL: ${JSON.stringify(url)}`);
+  const openapi = values.openapi;
+  if (openapi !== undefined) {
+    if (positionals.length > 1) throw new UsageError('verify --openapi takes at most one base URL');
+    if (values.method !== undefined || values.body !== undefined) {
+      throw new UsageError('-X and -d do not apply with --openapi: methods and bodies come from the document');
+    }
+    if (openapi.trim() === '') throw new UsageError('--openapi needs a file or an http(s) URL');
+  } else {
+    if (values.exclude !== undefined) throw new UsageError('--exclude applies only with --openapi');
+    if (positionals.length !== 1) throw new UsageError('verify takes exactly one URL');
   }
-  if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') throw new UsageError('the URL must be http:// or https://');
+  const url = positionals[0];
+  if (url !== undefined) {
+    let parsed: URL;
+    try {
+      parsed = new URL(url);
+    } catch {
+      throw new UsageError(`not a URL: ${JSON.stringify(url)}`);
+    }
+    if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') throw new UsageError('the URL must be http:// or https://');
+  }
   const headers = (values.header ?? []).map((line): [string, string] => {
     const colon = line.indexOf(':');
     const name = colon > 0 ? line.slice(0, colon).trim() : '';
@@ -217,8 +246,25 @@ async function runVerify(args: readonly string[], io: Io): Promise<number> {
       io.err('oncely verify: note: the body template is not JSON once filled in; pass -H "Content-Type: …" if needed');
     }
   }
+  if (openapi !== undefined) {
+    const maxTime = values['max-time'];
+    // A missing parser or sampler (MissingToolError) is exit 1 with its install line, like a missing driver.
+    const report = await verifyOpenApi({
+      document: openapi,
+      ...(url !== undefined ? { baseUrl: url } : {}),
+      headers,
+      exclude: values.exclude ?? [],
+      concurrency: integer(values.concurrency, 'concurrency', 2, 20),
+      timeoutMs: duration(values.timeout, 'timeout', 10_000),
+      ...(maxTime !== undefined ? { maxTimeMs: duration(maxTime, 'max-time', 120_000) } : {}),
+      idField: values['id-field'] ?? 'id',
+      skip,
+    });
+    io.out(values.json ? JSON.stringify(report, null, 2) : formatOpenApiReport(report));
+    return report.passed ? 0 : 1;
+  }
   const report = await verify({
-    url,
+    url: url!,
     method: values.method ?? 'POST',
     headers,
     ...(body !== undefined ? { body } : {}),

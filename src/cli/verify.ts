@@ -42,8 +42,11 @@ export interface VerifyOptions {
    * Body template: `{{n}}` becomes the number of the logical operation and
    * `{{uuid}}` a fresh UUID, both fixed for every request of that operation
    * [`{"amount":{{n}},"currency":"EUR"}`, a payment of the reference system].
+   * A function makes the body of logical operation `n` itself (called once
+   * per operation). `null`: requests carry no body and no default
+   * `Content-Type`, and `reuse` has nothing to vary (skip it).
    */
-  body?: string;
+  body?: string | ((n: number) => string) | null;
   /** Duplicates sent at once by the concurrency check [20]. */
   concurrency?: number;
   /** Limit of one request, ms [10000]. */
@@ -65,6 +68,12 @@ export interface CheckResult {
   status: 'pass' | 'fail' | 'skip';
   /** One line: why it passed or failed. */
   summary: string;
+  /**
+   * A failure that says nothing about keys: the request was refused for
+   * another reason (401, 403, 404, 405, a body the server rejects) or did
+   * not get through. Absent on conclusive verdicts.
+   */
+  inconclusive?: true;
   /** What was sent and answered, one line per fact. */
   evidence: string[];
 }
@@ -122,7 +131,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
   const url = new URL(options.url);
   if (url.protocol !== 'http:' && url.protocol !== 'https:') throw new TypeError('the URL must be http:// or https://');
   const method = (options.method ?? 'POST').toUpperCase();
-  const template = options.body ?? DEFAULT_BODY;
+  const template = options.body === undefined ? DEFAULT_BODY : options.body;
   const concurrency = options.concurrency ?? 20;
   const timeoutMs = options.timeoutMs ?? 10_000;
   const idField = options.idField ?? 'id';
@@ -140,7 +149,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
     return Math.min(timeoutMs, left);
   };
   const skip = new Set(options.skip ?? []);
-  const hasBody = method !== 'GET' && method !== 'HEAD';
+  const hasBody = method !== 'GET' && method !== 'HEAD' && template !== null;
   const userHeaders = options.headers ?? [];
   const hasContentType = userHeaders.some(([name]) => name.toLowerCase() === 'content-type');
   let requests = 0;
@@ -149,13 +158,15 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
   /** One logical operation's body: placeholders filled once. */
   const nextBody = (): string => {
     n++;
+    if (template === null) return '';
+    if (typeof template === 'function') return template(n);
     return template.replaceAll('{{n}}', String(n)).replaceAll('{{uuid}}', () => randomUUID());
   };
 
   const headersFor = (keys: readonly string[]): Headers => {
     const headers = new Headers();
     for (const [name, value] of userHeaders) headers.append(name, value);
-    if (!hasContentType) headers.set('content-type', 'application/json');
+    if (!hasContentType && hasBody) headers.set('content-type', 'application/json');
     // Appending twice sends the comma-joined list, as fetch does for repeated fields.
     for (const key of keys) headers.append('idempotency-key', key);
     return headers;
@@ -205,7 +216,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
       const evidence = [`without Idempotency-Key → ${describe(answer)}`];
       if (NOT_ABOUT_KEYS.has(answer.status)) {
         evidence.push('refused for another reason (authentication, URL or method): check --header and the URL');
-        return { status: 'fail', summary: `${answer.status} says nothing about the key`, evidence };
+        return { status: 'fail', summary: `${answer.status} says nothing about the key`, evidence, inconclusive: true };
       }
       if (answer.status >= 400 && answer.status < 500) {
         const ideal = answer.status === 400 && isProblem(answer);
@@ -246,6 +257,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
           status: 'fail',
           summary: `the first request was answered ${first.status}, not a success (check --body and --header)`,
           evidence: [...evidence, `body: ${head(first.text)}`],
+          inconclusive: true,
         };
       }
       const second = await send([key], body);
@@ -268,14 +280,19 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
       if (other === body) {
         return {
           status: 'skip',
-          summary: 'the body template has no {{n}} or {{uuid}}: cannot make a different body',
+          summary:
+            template === null
+              ? 'the request has no body to vary'
+              : typeof template === 'function'
+                ? 'every operation has the same body: cannot make a different one'
+                : 'the body template has no {{n}} or {{uuid}}: cannot make a different body',
           evidence: [],
         };
       }
       const first = await send([key], body);
       const evidence = [`key ${key}, body ${head(body, 60)} → ${describe(first)}`];
       if (first.status >= 300) {
-        return { status: 'fail', summary: `the first request was answered ${first.status}, not a success`, evidence };
+        return { status: 'fail', summary: `the first request was answered ${first.status}, not a success`, evidence, inconclusive: true };
       }
       const second = await send([key], other);
       evidence.push(`same key, body ${head(other, 60)} → ${describe(second)}`);
@@ -303,7 +320,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
       const successes = [...answers, after].filter((a) => a.status >= 200 && a.status < 300);
       const ids = new Set(successes.map(identity));
       if (successes.length === 0) {
-        return { status: 'fail', summary: 'no request succeeded (check --body and --header)', evidence };
+        return { status: 'fail', summary: 'no request succeeded (check --body and --header)', evidence, inconclusive: true };
       }
       if (ids.size === 1) {
         evidence.push(`every success names ${[...ids][0]}`);
@@ -328,7 +345,11 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
       ];
       const { answer: retry, waits } = await sendSettled(key, body);
       evidence.push(`retry with the same key${waits ? ` (after ${waits} in-flight answer${waits === 1 ? '' : 's'})` : ''} → ${describe(retry)}`);
-      if (retry.status >= 300) return { status: 'fail', summary: `the retry was answered ${retry.status}`, evidence };
+      if (retry.status >= 300) {
+        // When the cut answer was no success either, the request itself is refused: nothing learnt about keys.
+        const refused = firstId !== undefined && firstId.status >= 300;
+        return { status: 'fail', summary: `the retry was answered ${retry.status}`, evidence, ...(refused ? { inconclusive: true as const } : {}) };
+      }
       if (firstId?.id !== undefined && retry.id !== undefined) {
         if (firstId.id === retry.id) return { status: 'pass', summary: `same resource ${retry.id}`, evidence };
         return { status: 'fail', summary: `a second resource: ${firstId.id} then ${retry.id}`, evidence };
@@ -353,7 +374,7 @@ export async function verify(options: VerifyOptions): Promise<VerifyReport> {
       results.push({ ...base, ...(await checks[name]()) });
     } catch (error) {
       const message = error instanceof Failure ? error.message : describeError(error);
-      results.push({ ...base, status: 'fail', summary: 'a request failed', evidence: [message] });
+      results.push({ ...base, status: 'fail', summary: 'a request failed', evidence: [message], inconclusive: true });
     }
   }
   return {
