@@ -51,6 +51,7 @@ const PUBLIC_SUBPATHS = [
   './koa',
   './lambda',
   './nestjs',
+  './otel',
   './package.json',
   './stores/encryption',
   './stores/memory',
