@@ -16,14 +16,17 @@ import express4 from 'express4';
 import Fastify from 'fastify';
 import { Hono } from 'hono';
 import Koa from 'koa';
+import middy from '@middy/core';
 import type { HttpIdempotencyOptions } from 'oncely';
 import { idempotency } from 'oncely/express';
 import { oncely } from 'oncely/fastify';
 import { withIdempotency } from 'oncely/fetch';
 import { idempotency as koaIdempotency } from 'oncely/koa';
+import { idempotency as middyIdempotency, type LambdaHttpEvent, withIdempotency as withLambdaIdempotency } from 'oncely/lambda';
 import { Idempotent, OncelyModule } from 'oncely/nestjs';
+import { apiGateway, eventBody, eventHeader } from './fixtures/lambda/server.js';
 
-export const DOORS = ['express5', 'express4', 'fastify', 'fetch', 'hono', 'koa', 'nestjs-express', 'nestjs-fastify'] as const;
+export const DOORS = ['express5', 'express4', 'fastify', 'fetch', 'hono', 'koa', 'nestjs-express', 'nestjs-fastify', 'lambda-rest', 'lambda-middy'] as const;
 export type Door = (typeof DOORS)[number];
 
 export interface TestApp {
@@ -157,6 +160,22 @@ export async function startApp(door: Door, options: Options): Promise<TestApp> {
         ctx.body = effect.body;
       });
       const server = createServer(app.callback());
+      const url = await listen(server);
+      return { url, executions: () => count, close: () => closeServer(server) };
+    }
+    case 'lambda-rest':
+    case 'lambda-middy': {
+      // The wrapper on REST API events, the Middy middleware on HTTP API events, behind a local API Gateway.
+      const handler = async (event: LambdaHttpEvent) => {
+        if (event.httpMethod === 'GET' || (event.requestContext as { http?: { method: string } }).http?.method === 'GET') {
+          return { statusCode: 200, body: JSON.stringify({ count }) };
+        }
+        const text = eventBody(event);
+        const effect = await pay(++count, (n) => eventHeader(event, n), text ? JSON.parse(text) : undefined);
+        return { statusCode: effect.status, headers: effect.headers, body: effect.body };
+      };
+      const lambda = door === 'lambda-rest' ? withLambdaIdempotency(handler, opts as never) : middy(handler).use(middyIdempotency(opts as never));
+      const server = apiGateway(lambda, door === 'lambda-rest' ? 'rest' : 'http-api');
       const url = await listen(server);
       return { url, executions: () => count, close: () => closeServer(server) };
     }
