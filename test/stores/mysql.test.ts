@@ -14,6 +14,7 @@ import {
   mysqlStore,
   purgeExpiredRecords,
 } from 'oncely/stores/mysql';
+import { Engine, RolledBackError, StoreUnavailableError } from 'oncely';
 import { defineStoreConformance } from 'oncely/testing';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
@@ -420,4 +421,211 @@ process.stdout.write('done');
       rmSync(dir, { recursive: true, force: true });
     }
   }, 40_000);
+});
+
+describe('mysql store: process sessions', () => {
+  const LIVE = { fingerprint: 'v1:fp', leaseMs: 30_000, ttlMs: 60_000 };
+  const sessionId = (): string => `s-${randomBytes(8).toString('hex')}`;
+
+  it("refuses takeoverFrom while the owner's session is alive, checked in the claim statement itself (both forms)", async () => {
+    for (const [name, returning] of [
+      [table, true],
+      [plainTable, false],
+    ] as const) {
+      const store = mysqlStore({ pool: admin, table: name, returning, purge: false });
+      const owner = sessionId();
+      await store.sessions.heartbeat(owner, 60_000);
+      const id = newId();
+      const held = await store.claim(id, { ...LIVE, owner });
+      if (held.status !== 'acquired') throw new Error('expected acquired');
+      expect(await store.claim(id, { ...LIVE, owner: sessionId(), takeoverFrom: owner })).toMatchObject({ status: 'in_progress', owner });
+      await store.sessions.end(owner);
+      expect(await store.claim(id, { ...LIVE, owner: sessionId(), takeoverFrom: owner })).toMatchObject({ status: 'acquired', takeover: true });
+      expect(await store.complete(id, held.token, 'stale', 60_000)).toBe(false);
+    }
+  });
+
+  it('heartbeat, alive and end are one statement each, on the sessions table named after the records table, on the server clock', async () => {
+    const pool = counted(newPool());
+    const store = mysqlStore({ pool, table, returning: true, purge: false });
+    expect(store.sessionsTable).toBe(`\`${table}_sessions\``);
+    const session = sessionId();
+    const [clock] = await admin.query("SELECT TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(3)) DIV 1000 AS ms");
+    const before = Number((clock as Array<{ ms: number }>)[0]!.ms);
+    await store.sessions.heartbeat(session, 1_000);
+    expect(pool.count).toBe(1);
+    const [rows] = await admin.query(`SELECT expires_at FROM \`${table}_sessions\` WHERE id = ?`, [session]);
+    const expiresAt = Number((rows as Array<{ expires_at: number }>)[0]!.expires_at);
+    expect(expiresAt).toBeGreaterThanOrEqual(before + 1_000);
+    expect(expiresAt).toBeLessThan(before + 1_000 + 2_000);
+    expect(await store.sessions.alive(session)).toBe(true);
+    expect(pool.count).toBe(2);
+    await store.sessions.end(session);
+    expect(pool.count).toBe(3);
+    expect(await store.sessions.alive(session)).toBe(false);
+  });
+
+  it('purges sessions that ended without end() along with the expired records', async () => {
+    const name = await freshTable();
+    const store = mysqlStore({ pool: admin, table: name, purge: false });
+    const gone = sessionId();
+    const live = sessionId();
+    await store.sessions.heartbeat(gone, 20);
+    await store.sessions.heartbeat(live, 60_000);
+    await sleep(100);
+    await purgeExpiredRecords(store);
+    const [rows] = await admin.query(`SELECT CAST(id AS CHAR) AS id FROM \`${name}_sessions\``);
+    expect((rows as Array<{ id: string }>).map((r) => r.id)).toEqual([live]);
+  });
+
+  it('adds the owner column and the sessions table to a table made before sessions, from several processes at once', async () => {
+    const name = `oncely_old_${randomBytes(6).toString('hex')}`;
+    purgeTables.push(name);
+    await admin.query(
+      `CREATE TABLE \`${name}\` (id VARBINARY(128) NOT NULL, state TINYINT NOT NULL, token VARBINARY(64) NULL,
+        fingerprint VARBINARY(1024) NULL, lease_until BIGINT NOT NULL, expires_at BIGINT NOT NULL,
+        takeover TINYINT NOT NULL DEFAULT 0, outcome LONGTEXT NULL, PRIMARY KEY (id), KEY (expires_at)) ENGINE = InnoDB`,
+    );
+    const before = mysqlStore({ pool: admin, table: name, purge: false });
+    const refused = await before.claim(newId(), LIVE).catch((error: unknown) => error);
+    expect(refused).toBeInstanceOf(StoreUnavailableError);
+    expect((refused as Error).message).toMatch(/run migrateMysql/);
+    await Promise.all(Array.from({ length: 3 }, () => migrateMysql(newPool(), { table: name })));
+    await migrateMysql(admin, { table: name }); // idempotent
+    const [columns] = await admin.query(`SHOW COLUMNS FROM \`${name}\` LIKE 'owner'`);
+    expect(columns as unknown[]).toHaveLength(1);
+    const store = mysqlStore({ pool: admin, table: name, purge: false });
+    const owner = sessionId();
+    await store.sessions.heartbeat(owner, 60_000);
+    const id = newId();
+    expect((await store.claim(id, { ...LIVE, owner })).status).toBe('acquired');
+    expect(await store.claim(id, LIVE)).toMatchObject({ status: 'in_progress', owner });
+  });
+});
+
+describe('mysql store: transactional mode', () => {
+  const insert = (connection: mysql.PoolConnection, key: string): Promise<unknown> =>
+    connection.execute(`INSERT INTO \`${business}\` (\`key\`, amount) VALUES (?, 7)`, [key]);
+
+  it('engine: the business write commits with the completion; a throw rolls it back and releases the claim', async () => {
+    const engine = new Engine({ store: mysqlStore({ pool: newPool(), table, purge: false }) });
+    try {
+      const id = newId();
+      const begun = await engine.begin({ id, fingerprint: null });
+      if (begun.kind !== 'run') throw new Error(`expected run, got ${begun.kind}`);
+      const performed = await begun.claim.perform({
+        run: async (claim) => {
+          await insert(await claim.transaction<mysql.PoolConnection>(), id);
+          return { ok: true };
+        },
+        settle: (value) => ({ kind: 'complete', outcome: JSON.stringify(value) }),
+      });
+      expect(performed).toMatchObject({ ok: true, settled: 'stored' });
+      expect(await transactionWrites.exists(id)).toBe(true);
+      expect(await engine.begin({ id, fingerprint: null })).toMatchObject({ kind: 'replay' });
+
+      const failing = newId();
+      const again = await engine.begin({ id: failing, fingerprint: null });
+      if (again.kind !== 'run') throw new Error('expected run');
+      const failed = await again.claim.perform({
+        run: async (claim) => {
+          await insert(await claim.transaction<mysql.PoolConnection>(), failing);
+          throw new Error('card declined');
+        },
+        settle: () => ({ kind: 'complete', outcome: 'never' }),
+      });
+      expect(failed).toMatchObject({ ok: false, settled: 'released' });
+      expect(await transactionWrites.exists(failing)).toBe(false);
+    } finally {
+      await engine.close();
+    }
+  });
+
+  it('a transaction ended inside the handler (COMMIT, or a deadlock rolling it back) is refused: the completion is not stored alone', async () => {
+    const store = mysqlStore({ pool: newPool(), table, purge: false });
+    for (const ending of ['COMMIT', 'ROLLBACK']) {
+      const id = newId();
+      const claim = await store.claim(id, LONG);
+      if (claim.status !== 'acquired') throw new Error('expected acquired');
+      const transaction = await store.transactions!.open(id, claim.token);
+      const connection = transaction.client as unknown as mysql.PoolConnection;
+      await connection.query(ending);
+      await insert(connection, id); // autocommitted: the transaction is over
+      const error = await transaction.commit('done', 60_000).catch((e: unknown) => e);
+      expect(error, ending).toBeInstanceOf(RolledBackError);
+      expect((await store.get(id))?.state, 'the record was not completed').toBe('in_progress');
+    }
+    const engine = new Engine({ store });
+    try {
+      const id = newId();
+      const begun = await engine.begin({ id, fingerprint: null });
+      if (begun.kind !== 'run') throw new Error('expected run');
+      const performed = await begun.claim.perform({
+        run: async (claim) => {
+          const connection = await claim.transaction<mysql.PoolConnection>();
+          await connection.query('ROLLBACK');
+          return 'charged?';
+        },
+        settle: (value) => ({ kind: 'complete', outcome: value }),
+      });
+      expect(performed.settled).toBe('rolled_back');
+      expect(await store.get(id)).toBeNull();
+    } finally {
+      await engine.close();
+    }
+  });
+
+  it('under REPEATABLE READ (the default), the fenced completion reads the current record: a renewal after the snapshot is fine, a takeover after it fences', async () => {
+    const store = mysqlStore({ pool: newPool(), table, purge: false });
+    const other = mysqlStore({ pool: newPool(), table, purge: false });
+    const renewed = newId();
+    const claim = await store.claim(renewed, LONG);
+    if (claim.status !== 'acquired') throw new Error('expected acquired');
+    const transaction = await store.transactions!.open(renewed, claim.token);
+    const connection = transaction.client as unknown as mysql.PoolConnection;
+    await connection.query(`SELECT COUNT(*) FROM \`${table}\``); // the snapshot
+    await insert(connection, renewed);
+    expect(await other.renew(renewed, claim.token, 30_000)).toBe(true);
+    expect(await transaction.commit('done', 60_000)).toBe(true);
+    expect(await transactionWrites.exists(renewed)).toBe(true);
+
+    const taken = newId();
+    const old = await store.claim(taken, { ...LONG, leaseMs: 100 });
+    if (old.status !== 'acquired') throw new Error('expected acquired');
+    const stale = await store.transactions!.open(taken, old.token);
+    const staleConnection = stale.client as unknown as mysql.PoolConnection;
+    await staleConnection.query(`SELECT token FROM \`${table}\` WHERE id = ?`, [taken]); // the snapshot still shows the old token
+    await insert(staleConnection, taken);
+    await sleep(250);
+    expect((await other.claim(taken, LONG)).status).toBe('acquired');
+    expect(await stale.commit('stale', 60_000)).toBe(false);
+    expect(await transactionWrites.exists(taken)).toBe(false);
+  });
+
+  it('a single connection has no transactional mode; transactionPool gives it one, and every connection goes back to that pool', async () => {
+    const connection = await mysql.createConnection(config);
+    const transactionPool = mysql.createPool({ ...config, connectionLimit: 1 });
+    pools.push(transactionPool);
+    try {
+      expect(mysqlStore({ pool: connection, table, purge: false }).transactions).toBeUndefined();
+      const store = mysqlStore({ pool: connection, table, purge: false, transactionPool });
+      // One connection in the pool: a transaction that kept it would hang the next one.
+      for (let i = 0; i < 6; i++) {
+        const id = newId();
+        const claim = await store.claim(id, LONG);
+        if (claim.status !== 'acquired') throw new Error('expected acquired');
+        const transaction = await store.transactions!.open(id, claim.token);
+        await insert(transaction.client as unknown as mysql.PoolConnection, id);
+        if (i % 3 === 0) expect(await transaction.commit('ok', 60_000)).toBe(true);
+        else if (i % 3 === 1) await transaction.rollback();
+        else {
+          expect(await store.release(id, claim.token)).toBe(true);
+          expect(await transaction.commit('fenced', 60_000)).toBe(false);
+        }
+        expect(await transactionWrites.exists(id)).toBe(i % 3 === 0);
+      }
+    } finally {
+      await connection.end();
+    }
+  });
 });

@@ -12,6 +12,7 @@ import {
   postgresStore,
   purgeExpiredRecords,
 } from 'oncely/stores/postgres';
+import { Engine, RolledBackError, StoreUnavailableError } from 'oncely';
 import { defineStoreConformance } from 'oncely/testing';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -416,5 +417,231 @@ process.stdout.write('done');
     await until(async () => (await rows(name)) === 0);
     expect(failures).toBe(2);
     await store.close();
+  });
+});
+
+describe('postgres store: process sessions', () => {
+  const LIVE = { fingerprint: 'v1:fp', leaseMs: 30_000, ttlMs: 60_000 };
+  const sessionId = (): string => `s-${randomBytes(8).toString('hex')}`;
+
+  it("refuses takeoverFrom while the owner's session is alive, checked in the claim statement itself", async () => {
+    const store = postgresStore({ pool: admin, table, purge: false });
+    const owner = sessionId();
+    await store.sessions.heartbeat(owner, 60_000);
+    const id = newId();
+    const held = await store.claim(id, { ...LIVE, owner });
+    if (held.status !== 'acquired') throw new Error('expected acquired');
+    // The caller believed it dead (it looked before a heartbeat came back): refused.
+    expect(await store.claim(id, { ...LIVE, owner: sessionId(), takeoverFrom: owner })).toMatchObject({ status: 'in_progress', owner });
+    await store.sessions.end(owner);
+    expect(await store.claim(id, { ...LIVE, owner: sessionId(), takeoverFrom: owner })).toMatchObject({ status: 'acquired', takeover: true });
+    expect(await store.complete(id, held.token, 'stale', 60_000)).toBe(false);
+  });
+
+  it('heartbeat, alive and end are one round trip each, on the sessions table named after the records table', async () => {
+    const pool = counted(newPool());
+    const store = postgresStore({ pool, table, purge: false });
+    expect(store.sessionsTable).toBe(`"${table}_sessions"`);
+    const session = sessionId();
+    await store.sessions.heartbeat(session, 5_000);
+    expect(pool.count).toBe(1);
+    expect(await store.sessions.alive(session)).toBe(true);
+    expect(pool.count).toBe(2);
+    await store.sessions.end(session);
+    expect(pool.count).toBe(3);
+    const { rows: left } = await admin.query(`SELECT count(*)::int AS n FROM "${table}_sessions" WHERE id = $1`, [session]);
+    expect(left[0].n).toBe(0);
+  });
+
+  it('keeps session deadlines on the server clock', async () => {
+    const store = postgresStore({ pool: admin, table, purge: false });
+    const session = sessionId();
+    const before = Number((await admin.query('SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ms')).rows[0].ms);
+    await store.sessions.heartbeat(session, 1_000);
+    const { rows } = await admin.query(`SELECT expires_at FROM "${table}_sessions" WHERE id = $1`, [session]);
+    expect(Number(rows[0].expires_at)).toBeGreaterThanOrEqual(before + 1_000);
+    expect(Number(rows[0].expires_at)).toBeLessThan(before + 1_000 + 2_000);
+    await store.sessions.end(session);
+  });
+
+  it('purges sessions that ended without end() along with the expired records', async () => {
+    const name = await freshTable();
+    const store = postgresStore({ pool: admin, table: name, purge: false });
+    const gone = sessionId();
+    const live = sessionId();
+    await store.sessions.heartbeat(gone, 20);
+    await store.sessions.heartbeat(live, 60_000);
+    await sleep(100);
+    await purgeExpiredRecords(store);
+    const { rows } = await admin.query(`SELECT id FROM "${name}_sessions"`);
+    expect(rows.map((r) => r.id)).toEqual([live]);
+  });
+
+  it('adds the owner column and the sessions table to a table made before sessions, from several processes at once', async () => {
+    const name = `oncely_old_${randomBytes(6).toString('hex')}`;
+    purgeTables.push(name);
+    await admin.query(
+      `CREATE TABLE "${name}" (id varchar(128) PRIMARY KEY, state smallint NOT NULL, token text, fingerprint text,
+        lease_until bigint NOT NULL, expires_at bigint NOT NULL, takeover boolean NOT NULL DEFAULT false, outcome bytea)`,
+    );
+    const before = postgresStore({ pool: admin, table: name, purge: false });
+    const refused = await before.claim(newId(), LIVE).catch((error: unknown) => error);
+    expect(refused).toBeInstanceOf(StoreUnavailableError);
+    expect((refused as Error).message).toMatch(/run migratePostgres/);
+    const racers = Array.from({ length: 4 }, () => newPool());
+    await Promise.all(racers.map((pool) => migratePostgres(pool, { table: name })));
+    await migratePostgres(admin, { table: name }); // idempotent
+    const { rows } = await admin.query(
+      "SELECT column_name FROM information_schema.columns WHERE table_name = $1 AND column_name = 'owner'",
+      [name],
+    );
+    expect(rows).toHaveLength(1);
+    const store = postgresStore({ pool: admin, table: name, purge: false });
+    const owner = sessionId();
+    await store.sessions.heartbeat(owner, 60_000);
+    const id = newId();
+    expect((await store.claim(id, { ...LIVE, owner })).status).toBe('acquired');
+    expect(await store.claim(id, LIVE)).toMatchObject({ status: 'in_progress', owner });
+  });
+});
+
+describe('postgres store: transactional mode', () => {
+  const insert = (client: pg.PoolClient, key: string): Promise<unknown> =>
+    client.query(`INSERT INTO "${business}" (key, amount) VALUES ($1, 7)`, [key]);
+  const exists = async (key: string): Promise<boolean> =>
+    (await admin.query(`SELECT 1 FROM "${business}" WHERE key = $1`, [key])).rowCount === 1;
+
+  it('engine: the business write commits with the completion; a throw rolls it back and releases the claim', async () => {
+    const pool = newPool();
+    const engine = new Engine({ store: postgresStore({ pool, table, purge: false }) });
+    try {
+      const id = newId();
+      const begun = await engine.begin({ id, fingerprint: null });
+      if (begun.kind !== 'run') throw new Error(`expected run, got ${begun.kind}`);
+      const performed = await begun.claim.perform({
+        run: async (claim) => {
+          const client = await claim.transaction<pg.PoolClient>();
+          expect(await claim.transaction<pg.PoolClient>()).toBe(client); // one transaction per claim
+          await insert(client, id);
+          return { ok: true };
+        },
+        settle: (value) => ({ kind: 'complete', outcome: JSON.stringify(value) }),
+      });
+      expect(performed).toMatchObject({ ok: true, settled: 'stored' });
+      expect(await exists(id)).toBe(true);
+      expect(await engine.begin({ id, fingerprint: null })).toMatchObject({ kind: 'replay' });
+
+      const failing = newId();
+      const again = await engine.begin({ id: failing, fingerprint: null });
+      if (again.kind !== 'run') throw new Error('expected run');
+      const failed = await again.claim.perform({
+        run: async (claim) => {
+          await insert(await claim.transaction<pg.PoolClient>(), failing);
+          throw new Error('card declined');
+        },
+        settle: () => ({ kind: 'complete', outcome: 'never' }),
+      });
+      expect(failed).toMatchObject({ ok: false, settled: 'released' });
+      expect(await exists(failing)).toBe(false);
+      expect(await engine.begin({ id: failing, fingerprint: null })).toMatchObject({ kind: 'run' });
+    } finally {
+      await engine.close();
+    }
+    expect(pool.idleCount, 'every client went back to the pool').toBe(pool.totalCount);
+  });
+
+  it('a failed statement caught inside the handler aborts the transaction: the commit throws RolledBackError and the engine answers rolled_back', async () => {
+    const store = postgresStore({ pool: newPool(), table, purge: false });
+    const id = newId();
+    const claim = await store.claim(id, LONG);
+    if (claim.status !== 'acquired') throw new Error('expected acquired');
+    const transaction = await store.transactions!.open(id, claim.token);
+    const client = transaction.client as unknown as pg.PoolClient;
+    await insert(client, id);
+    await client.query('SELECT 1/0').catch(() => undefined); // caught, but the transaction is aborted
+    const error = await transaction.commit('done', 60_000).catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(RolledBackError);
+    expect(await exists(id)).toBe(false);
+    expect((await store.get(id))?.state).toBe('in_progress');
+
+    const engine = new Engine({ store });
+    try {
+      const other = newId();
+      const begun = await engine.begin({ id: other, fingerprint: null });
+      if (begun.kind !== 'run') throw new Error('expected run');
+      const performed = await begun.claim.perform({
+        run: async (c) => {
+          const tx = await c.transaction<pg.PoolClient>();
+          await insert(tx, other);
+          await tx.query('SELECT 1/0').catch(() => undefined);
+          return 'charged?';
+        },
+        settle: (value) => ({ kind: 'complete', outcome: value }),
+      });
+      expect(performed.settled).toBe('rolled_back');
+      expect(await exists(other)).toBe(false);
+      expect(await store.get(other), 'released: a retry runs').toBeNull();
+    } finally {
+      await engine.close();
+    }
+  });
+
+  it('a renewal during the transaction does not disturb the completion (READ COMMITTED)', async () => {
+    const store = postgresStore({ pool: newPool(), table, purge: false });
+    const id = newId();
+    const claim = await store.claim(id, LONG);
+    if (claim.status !== 'acquired') throw new Error('expected acquired');
+    const transaction = await store.transactions!.open(id, claim.token);
+    const client = transaction.client as unknown as pg.PoolClient;
+    await client.query(`SELECT count(*) FROM "${table}"`); // the transaction has read the record table
+    await insert(client, id);
+    expect(await store.renew(id, claim.token, 30_000)).toBe(true);
+    expect(await transaction.commit('done', 60_000)).toBe(true);
+    expect(await exists(id)).toBe(true);
+  });
+
+  it('under REPEATABLE READ chosen by the handler, a renewal after its snapshot makes the commit fail: nothing is stored', async () => {
+    const store = postgresStore({ pool: newPool(), table, purge: false });
+    const id = newId();
+    const claim = await store.claim(id, LONG);
+    if (claim.status !== 'acquired') throw new Error('expected acquired');
+    const transaction = await store.transactions!.open(id, claim.token);
+    const client = transaction.client as unknown as pg.PoolClient;
+    await client.query('SET TRANSACTION ISOLATION LEVEL REPEATABLE READ');
+    await insert(client, id); // the snapshot is taken here
+    expect(await store.renew(id, claim.token, 30_000)).toBe(true);
+    const error = await transaction.commit('done', 60_000).catch((e: unknown) => e);
+    expect((error as { code?: string }).code).toBe('40001'); // could not serialize access due to concurrent update
+    expect(await exists(id)).toBe(false);
+    expect((await store.get(id))?.state).toBe('in_progress');
+  });
+
+  it('a single pg.Client has no transactional mode; transactionPool gives it one, and the clients go back to that pool', async () => {
+    const client = new pg.Client(config);
+    client.on('error', () => {});
+    await client.connect();
+    const transactionPool = newPool();
+    try {
+      expect(postgresStore({ pool: client, table, purge: false }).transactions).toBeUndefined();
+      const store = postgresStore({ pool: client, table, purge: false, transactionPool });
+      for (let i = 0; i < 6; i++) {
+        const id = newId();
+        const claim = await store.claim(id, LONG);
+        if (claim.status !== 'acquired') throw new Error('expected acquired');
+        const transaction = await store.transactions!.open(id, claim.token);
+        await insert(transaction.client as unknown as pg.PoolClient, id);
+        if (i % 3 === 0) expect(await transaction.commit('ok', 60_000)).toBe(true);
+        else if (i % 3 === 1) await transaction.rollback();
+        else {
+          expect(await store.release(id, claim.token)).toBe(true);
+          expect(await transaction.commit('fenced', 60_000)).toBe(false);
+        }
+        expect(await exists(id)).toBe(i % 3 === 0);
+      }
+      expect(transactionPool.idleCount).toBe(transactionPool.totalCount);
+      expect(transactionPool.totalCount).toBeGreaterThan(0);
+    } finally {
+      await client.end();
+    }
   });
 });
