@@ -31,7 +31,14 @@ declare module './app.js' {
   }
 }
 
-/** One route as the document is made from it. */
+/**
+ * One route as the document is made from it.
+ *
+ * @example
+ * ```ts
+ * const route: ReferenceRoute = { method: 'GET', url: '/payments/:id', schema: { params: { type: 'object' } } };
+ * ```
+ */
 export interface ReferenceRoute {
   method: string;
   /** Fastify's URL, e.g. `/payments/:id`. */
@@ -46,7 +53,14 @@ export interface ReferenceRoute {
   };
 }
 
-/** Where the document is served. */
+/**
+ * Where the document is served.
+ *
+ * @example
+ * ```ts
+ * const doc = await fetch(`${ref.url}${OPENAPI_PATH}`, { headers: { authorization: 'Bearer acct_1' } });
+ * ```
+ */
 export const OPENAPI_PATH = '/openapi.json';
 
 /** Routes answered without a bearer token (see the `onRequest` hook in app.ts). */
@@ -154,6 +168,13 @@ export function openApiDocument(routes: readonly ReferenceRoute[]): {
  * Collects every route registered after it and serves their document at
  * `GET /openapi.json`; then registers `options.extraRoutes`, if any. Call it
  * before the routes are registered.
+ *
+ * @example
+ * ```ts
+ * const app = Fastify();
+ * await openApiRoutes(app, { extraRoutes: (scoped) => void scoped.post('/transfers', { config: { idempotency: false } }, handler) });
+ * app.post('/payments', { schema: { body: paymentBodySchema } }, pay); // in the document
+ * ```
  */
 export async function openApiRoutes(
   app: FastifyInstance,

@@ -31,16 +31,54 @@ import { pathToFileURL } from 'node:url';
 import { renderTable } from './table.js';
 import { type CheckName, type CheckResult, type VerifyReport, verify } from './verify.js';
 
-/** The methods checked by default: the ones that create or change something and are not idempotent by nature. */
+/**
+ * The methods checked by default: the ones that create or change something and are not idempotent by nature.
+ *
+ * @example
+ * ```ts
+ * const plans = planOperations(document, baseUrl, sample, [...OPENAPI_METHODS, 'DELETE']);
+ * ```
+ */
 export const OPENAPI_METHODS = ['POST', 'PATCH'] as const;
 
-/** The packages `--openapi` needs, with the ranges it was tested with. */
+/**
+ * The packages `--openapi` needs, with the ranges it was tested with.
+ *
+ * @example
+ * ```ts
+ * console.log(`npm install -D ${OPENAPI_TOOLS.parser} ${OPENAPI_TOOLS.sampler}`);
+ * ```
+ */
 export const OPENAPI_TOOLS = { parser: '@readme/openapi-parser@^9', sampler: 'openapi-sampler@^1.7' } as const;
 
-/** `@readme/openapi-parser` or `openapi-sampler` is not installed; the message says how to install them. */
+/**
+ * `@readme/openapi-parser` or `openapi-sampler` is not installed; the message says how to install them.
+ *
+ * @example
+ * ```ts
+ * try {
+ *   await verifyOpenApi({ document: './openapi.yaml', baseUrl: 'http://127.0.0.1:3000' });
+ * } catch (error) {
+ *   if (error instanceof MissingToolError) console.error(error.message); // … run `npm install -D …`
+ * }
+ * ```
+ */
 export class MissingToolError extends Error {}
 
-/** Options of {@link verifyOpenApi}. */
+/**
+ * Options of {@link verifyOpenApi}.
+ *
+ * @example
+ * ```ts
+ * const options: OpenApiVerifyOptions = {
+ *   document: './openapi.yaml',
+ *   baseUrl: 'https://staging.example.com',
+ *   headers: [['authorization', `Bearer ${process.env.TEST_TOKEN}`]],
+ *   exclude: ['POST /login'],
+ *   concurrency: 10,
+ * };
+ * ```
+ */
 export interface OpenApiVerifyOptions {
   /** The document: a file path, or an `http(s)://` URL. JSON or YAML. */
   document: string;
@@ -77,10 +115,22 @@ export interface OpenApiVerifyOptions {
  * `unprotected` (a check showed a key ignored: a second resource, a keyless
  * request that ran…), or `unverified` (the requests were refused for other
  * reasons, e.g. a sampled body the server rejects, or a 404 for a sampled id).
+ *
+ * @example
+ * ```ts
+ * const unprotected = report.operations.filter((o) => o.verdict === 'unprotected').map((o) => `${o.method} ${o.path}`);
+ * ```
  */
 export type OperationVerdict = 'protected' | 'unprotected' | 'unverified';
 
-/** One operation of the document and what the checks found. */
+/**
+ * One operation of the document and what the checks found.
+ *
+ * @example
+ * ```ts
+ * for (const operation of report.operations) console.log(operation.method, operation.path, operation.verdict, operation.reasons);
+ * ```
+ */
 export interface OperationResult {
   method: string;
   /** The path as the document writes it, e.g. `/payments/{id}/refunds`. */
@@ -97,7 +147,15 @@ export interface OperationResult {
   report?: VerifyReport;
 }
 
-/** What {@link verifyOpenApi} found. */
+/**
+ * What {@link verifyOpenApi} found.
+ *
+ * @example
+ * ```ts
+ * const report: OpenApiReport = await verifyOpenApi({ document: 'http://127.0.0.1:3000/openapi.json' });
+ * process.exitCode = report.passed ? 0 : 1;
+ * ```
+ */
 export interface OpenApiReport {
   document: string;
   /** The document's `info.title`, when it has one. */
@@ -113,7 +171,15 @@ export interface OpenApiReport {
   durationMs: number;
 }
 
-/** A planned operation: where to send, what to send. See {@link planOperations}. */
+/**
+ * A planned operation: where to send, what to send. See {@link planOperations}.
+ *
+ * @example
+ * ```ts
+ * const [plan] = planOperations(document, 'http://127.0.0.1:3000', sample);
+ * await verify({ url: plan.url, method: plan.method, body: plan.body, skip: plan.varies ? [] : ['reuse'] });
+ * ```
+ */
 export interface PlannedOperation {
   method: string;
   path: string;
@@ -129,7 +195,15 @@ export interface PlannedOperation {
   unusable?: string;
 }
 
-/** The sampler's signature (`openapi-sampler`'s `sample`). */
+/**
+ * The sampler's signature (`openapi-sampler`'s `sample`).
+ *
+ * @example
+ * ```ts
+ * import { sample } from 'openapi-sampler';
+ * const sampler = sample as unknown as SampleFn;
+ * ```
+ */
 export type SampleFn = (schema: object, options?: Record<string, unknown>, document?: object) => unknown;
 
 /** The pieces of an OpenAPI document read here (after `$ref`s are resolved). */
@@ -549,7 +623,14 @@ export function planOperations(
   return planned;
 }
 
-/** The verdict on one operation from its report, with the lines that explain it. */
+/**
+ * The verdict on one operation from its report, with the lines that explain it.
+ *
+ * @example
+ * ```ts
+ * const { verdict, reasons } = verdictOf(await verify({ url: 'http://127.0.0.1:3000/payments' }));
+ * ```
+ */
 export function verdictOf(report: VerifyReport): { verdict: OperationVerdict; reasons: string[] } {
   if (report.passed) return { verdict: 'protected', reasons: [] };
   const failed = report.checks.filter(
@@ -574,6 +655,15 @@ function matches(excluded: readonly string[], plan: PlannedOperation): boolean {
  * operation in turn (one at a time: each creates resources) and gives each
  * a verdict. Throws for an unreadable document or a missing parser or
  * sampler ({@link MissingToolError}); never for what the server does.
+ *
+ * @example
+ * ```ts
+ * const report = await verifyOpenApi({
+ *   document: 'http://127.0.0.1:3000/openapi.json',
+ *   headers: [['authorization', 'Bearer acct_1']],
+ * });
+ * console.log(report.operations.map((o) => `${o.method} ${o.path}: ${o.verdict}`));
+ * ```
  */
 export async function verifyOpenApi(options: OpenApiVerifyOptions): Promise<OpenApiReport> {
   const started = performance.now();
@@ -647,7 +737,14 @@ const VERDICT_LABEL: Record<OperationVerdict, string> = {
   unverified: 'UNVERIFIED',
 };
 
-/** The human-readable report: one row per operation, its verdict, the checks passed and why. */
+/**
+ * The human-readable report: one row per operation, its verdict, the checks passed and why.
+ *
+ * @example
+ * ```ts
+ * console.log(formatOpenApiReport(await verifyOpenApi({ document: './openapi.json', baseUrl: 'http://127.0.0.1:3000' })));
+ * ```
+ */
 export function formatOpenApiReport(report: OpenApiReport): string {
   const rows = report.operations.map((operation) => {
     const checks = operation.report?.checks.filter((c) => c.status !== 'skip' || c.summary !== 'skipped on request') ?? [];

@@ -30,20 +30,50 @@ import type { Engine } from '../engine/engine.js';
 import type { Disposable, OncelyEventName, OncelyHooks, OncelyListener } from '../engine/events.js';
 import type { ClaimInput, IdempotencyStore, StoreSessions, StoreTransactions } from '../engine/store.js';
 
-/** Attribute values oncely records: strings, numbers and booleans. */
+/**
+ * Attribute values oncely records: strings, numbers and booleans.
+ *
+ * @example
+ * ```ts
+ * const attributes: OtelAttributes = { 'oncely.store': 'redis', 'oncely.takeover': false };
+ * ```
+ */
 export type OtelAttributes = Record<string, string | number | boolean>;
 
-/** The part of an OpenTelemetry counter or up-down counter oncely uses. */
+/**
+ * The part of an OpenTelemetry counter or up-down counter oncely uses.
+ *
+ * @example
+ * ```ts
+ * const counter: CounterLike = meter.createCounter('oncely.claims');
+ * counter.add(1, { 'oncely.takeover': false });
+ * ```
+ */
 export interface CounterLike {
   add(value: number, attributes?: OtelAttributes): void;
 }
 
-/** The part of an OpenTelemetry histogram oncely uses. */
+/**
+ * The part of an OpenTelemetry histogram oncely uses.
+ *
+ * @example
+ * ```ts
+ * const histogram: HistogramLike = meter.createHistogram('oncely.store.duration', { unit: 's' });
+ * histogram.record(0.0012, { 'oncely.store.operation': 'claim' });
+ * ```
+ */
 export interface HistogramLike {
   record(value: number, attributes?: OtelAttributes): void;
 }
 
-/** Options of an instrument, as `@opentelemetry/api` takes them. */
+/**
+ * Options of an instrument, as `@opentelemetry/api` takes them.
+ *
+ * @example
+ * ```ts
+ * const options: InstrumentOptionsLike = { unit: 's', advice: { explicitBucketBoundaries: [0.001, 0.01, 0.1] } };
+ * ```
+ */
 export interface InstrumentOptionsLike {
   description?: string;
   unit?: string;
@@ -51,19 +81,43 @@ export interface InstrumentOptionsLike {
   advice?: { explicitBucketBoundaries?: number[] };
 }
 
-/** The part of an OpenTelemetry `Meter` oncely uses. */
+/**
+ * The part of an OpenTelemetry `Meter` oncely uses.
+ *
+ * @example
+ * ```ts
+ * const meter: MeterLike = metrics.getMeter('oncely'); // metrics from '@opentelemetry/api'
+ * ```
+ */
 export interface MeterLike {
   createCounter(name: string, options?: InstrumentOptionsLike): CounterLike;
   createUpDownCounter(name: string, options?: InstrumentOptionsLike): CounterLike;
   createHistogram(name: string, options?: InstrumentOptionsLike): HistogramLike;
 }
 
-/** The part of an OpenTelemetry `MeterProvider` oncely uses (the SDK's `MeterProvider` fits). */
+/**
+ * The part of an OpenTelemetry `MeterProvider` oncely uses (the SDK's `MeterProvider` fits).
+ *
+ * @example
+ * ```ts
+ * import { MeterProvider } from '@opentelemetry/sdk-metrics';
+ * const meterProvider: MeterProviderLike = new MeterProvider({ readers: [reader] });
+ * ```
+ */
 export interface MeterProviderLike {
   getMeter(name: string, version?: string): MeterLike;
 }
 
-/** The part of an OpenTelemetry `Span` oncely uses. */
+/**
+ * The part of an OpenTelemetry `Span` oncely uses.
+ *
+ * @example
+ * ```ts
+ * const span: SpanLike = tracer.startSpan('oncely.operation', { attributes: { 'oncely.outcome': 'run' } });
+ * span.setAttribute('oncely.settled', 'stored');
+ * span.end();
+ * ```
+ */
 export interface SpanLike {
   setAttribute(key: string, value: string | number | boolean): unknown;
   addEvent(name: string, attributes?: OtelAttributes): unknown;
@@ -72,17 +126,40 @@ export interface SpanLike {
   end(): void;
 }
 
-/** The part of an OpenTelemetry `Tracer` oncely uses. */
+/**
+ * The part of an OpenTelemetry `Tracer` oncely uses.
+ *
+ * @example
+ * ```ts
+ * const tracer: TracerLike = trace.getTracer('oncely'); // trace from '@opentelemetry/api'
+ * ```
+ */
 export interface TracerLike {
   startSpan(name: string, options?: { attributes?: OtelAttributes }): SpanLike;
 }
 
-/** The part of an OpenTelemetry `TracerProvider` oncely uses (the SDK's providers fit). */
+/**
+ * The part of an OpenTelemetry `TracerProvider` oncely uses (the SDK's providers fit).
+ *
+ * @example
+ * ```ts
+ * import { BasicTracerProvider, SimpleSpanProcessor, InMemorySpanExporter } from '@opentelemetry/sdk-trace-base';
+ * const tracerProvider: TracerProviderLike = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(new InMemorySpanExporter())] });
+ * ```
+ */
 export interface TracerProviderLike {
   getTracer(name: string, version?: string): TracerLike;
 }
 
-/** Options of {@link instrument}, {@link otelHooks} and {@link instrumentStore}. */
+/**
+ * Options of {@link instrument}, {@link otelHooks} and {@link instrumentStore}.
+ *
+ * @example
+ * ```ts
+ * const options: OtelOptions = { meterProvider, tracerProvider, spans: true, storeName: 'redis' };
+ * instrument(engine, options);
+ * ```
+ */
 export interface OtelOptions {
   /**
    * Where metrics go [the global one, `metrics.getMeterProvider()`]. The
@@ -101,13 +178,34 @@ export interface OtelOptions {
   storeName?: string;
 }
 
-/** The name of the meter and tracer (the instrumentation scope). */
+/**
+ * The name of the meter and tracer (the instrumentation scope).
+ *
+ * @example
+ * ```ts
+ * const oncelyMetrics = resourceMetrics.scopeMetrics.find((m) => m.scope.name === INSTRUMENTATION_SCOPE);
+ * ```
+ */
 export const INSTRUMENTATION_SCOPE = 'oncely';
 
-/** The name of every operation span. */
+/**
+ * The name of every operation span.
+ *
+ * @example
+ * ```ts
+ * const operations = exporter.getFinishedSpans().filter((span) => span.name === SPAN_NAME);
+ * ```
+ */
 export const SPAN_NAME = 'oncely.operation';
 
-/** The names of the metrics, by what they count (see docs/otel.md). */
+/**
+ * The names of the metrics, by what they count (see docs/otel.md).
+ *
+ * @example
+ * ```ts
+ * const claims = metrics.find((metric) => metric.descriptor.name === METRIC_NAMES.claims);
+ * ```
+ */
 export const METRIC_NAMES = {
   claims: 'oncely.claims',
   takeovers: 'oncely.takeovers',
@@ -153,7 +251,14 @@ function otelApi(): OtelApi | null {
   return loadedApi;
 }
 
-/** True when `@opentelemetry/api` can be loaded, so that instrumenting records something. */
+/**
+ * True when `@opentelemetry/api` can be loaded, so that instrumenting records something.
+ *
+ * @example
+ * ```ts
+ * if (!otelAvailable()) console.warn('npm install @opentelemetry/api to get oncely metrics');
+ * ```
+ */
 export function otelAvailable(): boolean {
   return otelApi() !== null;
 }
