@@ -58,3 +58,27 @@ describe('parseIdempotencyKey', () => {
     expect(() => parseIdempotencyKey('not-a-uuid', { pattern: uuid })).toThrow(/required form/);
   });
 });
+
+describe('parseIdempotencyKey, edge by edge', () => {
+  it('a list after a quoted key is named a list, spaces before the comma or not', () => {
+    expect(() => parseIdempotencyKey('"a" ,"b"')).toThrow('The Idempotency-Key must be a single key, not a list.');
+    expect(() => parseIdempotencyKey('"a" x')).toThrow(/after its closing quote/);
+  });
+
+  it('a pattern must match the whole key, not a prefix of it', () => {
+    const uuid = /[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/;
+    expect(() => parseIdempotencyKey('8e03978e-40d5-43e8-bc93-6894a57f9324x', { pattern: uuid })).toThrow(/required form/);
+    expect(() => parseIdempotencyKey('abc123', { pattern: /[a-z]+/ })).toThrow(/required form/);
+  });
+
+  it('a pattern keeps its other flags (i) and loses only its state (g, y): the same key passes every time', () => {
+    expect(parseIdempotencyKey('ABC', { pattern: /^[a-c]+$/i })).toBe('ABC');
+    const global = /[a-z]+/g;
+    const sticky = /[a-z]+/y;
+    for (let i = 0; i < 3; i++) {
+      expect(parseIdempotencyKey('abc', { pattern: global })).toBe('abc');
+      expect(parseIdempotencyKey('abc', { pattern: sticky })).toBe('abc');
+    }
+    expect(global.lastIndex).toBe(0);
+  });
+});
