@@ -6,6 +6,8 @@ import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import Database from 'better-sqlite3';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Engine } from '../engine/engine.js';
+import { ConfigError, RolledBackError, StoreUnavailableError } from '../errors/index.js';
 import { defineStoreConformance } from '../testing/index.js';
 import { purgeExpiredRecords, type SqliteStore, sqliteStore } from './sqlite.js';
 
@@ -315,4 +317,186 @@ process.stdin.once('data', async () => {
       expect(statuses.filter((s) => s === 'in_progress')).toHaveLength(children.length - 1);
     }
   }, 60_000);
+});
+
+describe('sqlite store: process sessions', () => {
+  const sessionId = (): string => `s-${randomBytes(8).toString('hex')}`;
+
+  it("refuses takeoverFrom while the owner's session is alive, checked under the write lock", async () => {
+    const store = make(join(dir, 'sessions.db'), { purge: false });
+    const owner = sessionId();
+    await store.sessions.heartbeat(owner, 60_000);
+    const id = newId();
+    const held = await store.claim(id, { ...LONG, owner });
+    if (held.status !== 'acquired') throw new Error('expected acquired');
+    expect(await store.claim(id, { ...LONG, owner: sessionId(), takeoverFrom: owner })).toMatchObject({ status: 'in_progress', owner });
+    await store.sessions.end(owner);
+    expect(await store.claim(id, { ...LONG, owner: sessionId(), takeoverFrom: owner })).toMatchObject({ status: 'acquired', takeover: true });
+    expect(await store.complete(id, held.token, 'stale', 60_000)).toBe(false);
+  });
+
+  it("keeps session deadlines on this process's clock, and purges the ended ones with the expired records", async () => {
+    let clock = 1_000_000;
+    const db = open(join(dir, 'session-clock.db'));
+    const store = sqliteStore({ database: db, purge: false, now: () => clock });
+    expect(store.sessionsTable).toBe('oncely_records_sessions');
+    await store.sessions.heartbeat('gone', 1_000);
+    await store.sessions.heartbeat('live', 60_000);
+    expect(db.prepare('SELECT expires_at FROM oncely_records_sessions WHERE id = ?').get('gone')).toEqual({ expires_at: 1_001_000 });
+    clock += 999;
+    expect(await store.sessions.alive('gone')).toBe(true);
+    clock += 1;
+    expect(await store.sessions.alive('gone')).toBe(false);
+    await purgeExpiredRecords(store);
+    expect(db.prepare('SELECT id FROM oncely_records_sessions').all()).toEqual([{ id: 'live' }]);
+  });
+
+  it('adds the owner column and the sessions table to a table made before sessions; with migrate: false it says what to run', async () => {
+    const db = open(join(dir, 'before-sessions.db'));
+    db.exec(
+      'CREATE TABLE oncely_records (id TEXT NOT NULL PRIMARY KEY, state INTEGER NOT NULL, token TEXT, fingerprint TEXT, lease_until INTEGER NOT NULL, expires_at INTEGER NOT NULL, outcome TEXT)',
+    );
+    expect(() => sqliteStore({ database: db, migrate: false, purge: false })).toThrow(ConfigError);
+    expect(() => sqliteStore({ database: db, migrate: false, purge: false })).toThrow(/migrateSqlite/);
+    const store = sqliteStore({ database: db, purge: false });
+    const columns = db.prepare("SELECT name FROM pragma_table_info('oncely_records')").all() as Array<{ name: string }>;
+    expect(columns.map((c) => c.name)).toContain('owner');
+    sqliteStore({ database: db, purge: false }); // idempotent
+    const id = newId();
+    expect((await store.claim(id, { ...LONG, owner: 'me' })).status).toBe('acquired');
+    expect(await store.claim(id, LONG)).toMatchObject({ status: 'in_progress', owner: 'me' });
+  });
+});
+
+describe('sqlite store: transactional mode', () => {
+  const withBusiness = (db: Database.Database): Database.Database => {
+    db.exec('CREATE TABLE IF NOT EXISTS payments (record_id TEXT NOT NULL, amount INTEGER NOT NULL)');
+    return db;
+  };
+  const rows = (db: Database.Database, id: string): number =>
+    (db.prepare('SELECT count(*) AS n FROM payments WHERE record_id = ?').get(id) as { n: number }).n;
+  const pay = (db: Database.Database, id: string): void => {
+    db.prepare('INSERT INTO payments (record_id, amount) VALUES (?, 42)').run(id);
+  };
+
+  it("holds the store's own writes until the open transaction ends, answers reads at once, and shares that with every store on the Database", async () => {
+    const db = withBusiness(open(join(dir, 'gate.db')));
+    const store = sqliteStore({ database: db, purge: false });
+    const sibling = sqliteStore({ database: db, table: 'other_records', purge: false });
+    const id = newId();
+    const done = newId();
+    const claim = await store.claim(id, LONG);
+    if (claim.status !== 'acquired') throw new Error('expected acquired');
+    await completed(store, done, 60_000);
+    const owner = 'gate-session';
+    await store.sessions.heartbeat(owner, 60_000);
+    const transaction = await store.transactions.open(id, claim.token);
+    expect(transaction.client).toBe(db);
+    expect(db.inTransaction).toBe(true);
+    pay(db, id);
+    const settled: string[] = [];
+    const note = <T>(name: string, pending: Promise<T>): Promise<T> => pending.then((value) => (settled.push(name), value));
+    const writes = [
+      note('claim', store.claim(newId(), LONG)),
+      note('renew', store.renew(id, claim.token, 30_000)),
+      note('heartbeat', store.sessions.heartbeat(owner, 60_000)),
+      note('sibling claim', sibling.claim(newId(), LONG)),
+    ];
+    // Reads are answered at once, inside the open transaction.
+    expect(await store.get(done)).toMatchObject({ state: 'completed' });
+    expect(await store.claim(done, LONG)).toMatchObject({ status: 'completed' });
+    expect(await store.claim(id, LONG)).toMatchObject({ status: 'in_progress' });
+    expect(await store.sessions.alive(owner)).toBe(true);
+    await sleep(50);
+    expect(settled, 'no write ran inside the transaction').toEqual([]);
+    expect(await transaction.commit('paid', 60_000)).toBe(true);
+    await Promise.all(writes);
+    expect(settled.sort()).toEqual(['claim', 'heartbeat', 'renew', 'sibling claim']);
+    expect(rows(db, id)).toBe(1);
+    expect(await store.get(id)).toMatchObject({ state: 'completed', outcome: 'paid' });
+  });
+
+  it('makes transactions take turns, and gives up on a turn (or a held write) after busyTimeoutMs', async () => {
+    const db = withBusiness(open(join(dir, 'turns.db')));
+    const store = sqliteStore({ database: db, purge: false, busyTimeoutMs: 300 });
+    const ids = [newId(), newId(), newId()];
+    const tokens: string[] = [];
+    for (const id of ids) {
+      const claim = await store.claim(id, LONG);
+      if (claim.status !== 'acquired') throw new Error('expected acquired');
+      tokens.push(claim.token);
+    }
+    const first = await store.transactions.open(ids[0]!, tokens[0]!);
+    const second = store.transactions.open(ids[1]!, tokens[1]!);
+    const heldWrite = store.renew(ids[2]!, tokens[2]!, 30_000);
+    const waited = Date.now();
+    await expect(second).rejects.toBeInstanceOf(StoreUnavailableError);
+    await expect(heldWrite).rejects.toThrow(/busyTimeoutMs/);
+    expect(Date.now() - waited).toBeGreaterThanOrEqual(250);
+    const third = store.transactions.open(ids[2]!, tokens[2]!);
+    pay(db, ids[0]!);
+    await first.rollback();
+    const next = await third;
+    pay(db, ids[2]!);
+    expect(await next.commit('third', 60_000)).toBe(true);
+    expect(rows(db, ids[0]!)).toBe(0);
+    expect(rows(db, ids[2]!)).toBe(1);
+  });
+
+  it('engine: concurrent operations with awaits inside their transactions each commit once, in turn', async () => {
+    const db = withBusiness(open(join(dir, 'engine.db')));
+    const engine = new Engine({ store: sqliteStore({ database: db, purge: false }) });
+    try {
+      const ids = Array.from({ length: 8 }, newId);
+      const results = await Promise.all(
+        ids.map(async (id, i) => {
+          const begun = await engine.begin({ id, fingerprint: null });
+          if (begun.kind !== 'run') throw new Error(`expected run, got ${begun.kind}`);
+          return begun.claim.perform({
+            run: async (claim) => {
+              const tx = await claim.transaction<Database.Database>();
+              pay(tx, id);
+              await sleep(5); // an await between two writes: the other operations wait their turn
+              pay(tx, id);
+              if (i === 3) throw new Error('declined');
+              return i;
+            },
+            settle: (value) => ({ kind: 'complete', outcome: String(value) }),
+          });
+        }),
+      );
+      expect(results.map((r) => r.settled)).toEqual(ids.map((_, i) => (i === 3 ? 'released' : 'stored')));
+      expect(ids.map((id) => rows(db, id))).toEqual(ids.map((_, i) => (i === 3 ? 0 : 2)));
+      expect(await engine.begin({ id: ids[0]!, fingerprint: null })).toMatchObject({ kind: 'replay' });
+      expect(db.inTransaction).toBe(false);
+    } finally {
+      await engine.close();
+    }
+  });
+
+  it('refuses a transaction that the handler ended itself: the completion is not stored alone', async () => {
+    const db = withBusiness(open(join(dir, 'ended.db')));
+    const store = sqliteStore({ database: db, purge: false });
+    const id = newId();
+    const claim = await store.claim(id, LONG);
+    if (claim.status !== 'acquired') throw new Error('expected acquired');
+    const transaction = await store.transactions.open(id, claim.token);
+    pay(db, id);
+    db.exec('ROLLBACK');
+    await expect(transaction.commit('done', 60_000)).rejects.toBeInstanceOf(RolledBackError);
+    expect(await store.get(id)).toMatchObject({ state: 'in_progress' });
+    expect(await store.renew(id, claim.token, 30_000), 'the gate is open again').toBe(true);
+  });
+
+  it("documents the limit: the user's own writes through the Database while a transaction is open belong to it", async () => {
+    const db = withBusiness(open(join(dir, 'joined.db')));
+    const store = sqliteStore({ database: db, purge: false });
+    const id = newId();
+    const claim = await store.claim(id, LONG);
+    if (claim.status !== 'acquired') throw new Error('expected acquired');
+    const transaction = await store.transactions.open(id, claim.token);
+    pay(db, 'written-elsewhere'); // e.g. another request's plain handler, between two awaits
+    await transaction.rollback();
+    expect(rows(db, 'written-elsewhere')).toBe(0);
+  });
 });
