@@ -218,8 +218,14 @@ describe('instrument(engine)', () => {
     const begun = await engine.begin({ id: 'op-lost', fingerprint: null });
     if (begun.kind !== 'run') throw new Error(begun.kind);
     begun.claim.abandon(); // its request went away: no more renewals
-    await new Promise((resolve) => setTimeout(resolve, 150));
-    expect(begun.claim.signal.aborted).toBe(true);
+    // The signal fires at the lease deadline (bounded, for a loaded machine).
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error('the lease never ran out')), 5_000);
+      begun.claim.signal.addEventListener('abort', () => {
+        clearTimeout(timer);
+        resolve();
+      });
+    });
     // Nobody took the record over, so the memory store still takes the late completion.
     const settled = await begun.claim.settle({ kind: 'complete', outcome: '{}' });
     const [span] = spansOf('run');
