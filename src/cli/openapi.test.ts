@@ -8,11 +8,13 @@
  * document from a file, a YAML document from another origin, and the
  * sampling of bodies and parameters on their own.
  */
+import { execFile } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { dereference } from '@readme/openapi-parser';
 import type { FastifyInstance } from 'fastify';
 import { sample } from 'openapi-sampler';
@@ -325,6 +327,39 @@ describe('verify --openapi usage', () => {
       const io = capture();
       expect(await run(args, io), args.join(' ')).toBe(2);
     }
+  });
+
+  it('without the parser and sampler installed: exit 1, naming what to install (the real entry)', async () => {
+    const dir = tempDir();
+    const refused = ['@readme/openapi-parser', 'openapi-sampler'];
+    // Node's resolvers refuse both packages, for require (the project lookup) and import alike.
+    writeFileSync(
+      join(dir, 'no-cjs.cjs'),
+      `const Module = require('node:module');
+const resolve = Module._resolveFilename;
+Module._resolveFilename = function (request, ...rest) {
+  if (${JSON.stringify(refused)}.includes(request)) throw Object.assign(new Error('Cannot find module ' + request), { code: 'MODULE_NOT_FOUND' });
+  return resolve.call(this, request, ...rest);
+};`,
+    );
+    writeFileSync(
+      join(dir, 'no-esm.mjs'),
+      `export async function resolve(specifier, context, next) {
+  if (${JSON.stringify(refused)}.includes(specifier)) throw Object.assign(new Error('Cannot find package ' + specifier), { code: 'ERR_MODULE_NOT_FOUND' });
+  return next(specifier, context);
+}`,
+    );
+    writeFileSync(join(dir, 'register.mjs'), `import { register } from 'node:module';\nregister('./no-esm.mjs', import.meta.url);\n`);
+    const root = fileURLToPath(new URL('../..', import.meta.url));
+    const args = ['--conditions=source', '--require', join(dir, 'no-cjs.cjs'), '--import', 'tsx', '--import', join(dir, 'register.mjs')];
+    const result = await new Promise<{ code: number; stderr: string }>((resolve) => {
+      execFile(process.execPath, [...args, 'src/cli/main.ts', 'verify', '--openapi', join(dir, 'openapi.json'), 'http://127.0.0.1:9'], { cwd: root, timeout: 60_000 }, (error, _stdout, stderr) =>
+        resolve({ code: error === null ? 0 : typeof error.code === 'number' ? error.code : -1, stderr }),
+      );
+    });
+    expect(result.code, result.stderr).toBe(1);
+    expect(result.stderr).toContain('verify --openapi needs @readme/openapi-parser@^9 and openapi-sampler@^1.7, which oncely does not install');
+    expect(result.stderr).toContain('npm install -D @readme/openapi-parser@^9 openapi-sampler@^1.7');
   });
 
   it('a document that does not exist: exit 1, saying so', async () => {
