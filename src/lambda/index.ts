@@ -108,8 +108,10 @@ class LambdaDoor<E extends LambdaHttpEvent> {
    * ends, and every retry meanwhile is a 409. No handler outlives
    * `getRemainingTimeInMillis()`, so a lease longer than that (plus a margin
    * for the last completion) only keeps a dead claim; a shorter one is
-   * safe, since leases are renewed while the handler runs. Hence
-   * min(configured lease, remaining time + margin).
+   * safe, since leases are renewed while the handler runs (also where the
+   * deadline is not enforced: a local harness). Hence min(configured lease,
+   * remaining time + margin): a stopped invocation holds its key at most
+   * that long past its deadline (its last renewal came before it).
    */
   #overrides(context: LambdaContextLike | undefined): RouteOverrides | undefined {
     const remaining = typeof context?.getRemainingTimeInMillis === 'function' ? context.getRemainingTimeInMillis() : Number.NaN;

@@ -507,7 +507,7 @@ function stoppable(): { store: IdempotencyStore; leases: number[]; stop(): void 
 }
 
 describe('the lease and the invocation deadline', () => {
-  it('bounds the lease by the remaining time plus a second: a timed-out invocation frees its key then, not after leaseMs', async () => {
+  it('bounds the lease by the remaining time plus a second: a timed-out invocation frees its key a lease after its deadline, not after leaseMs', async () => {
     for (const bounded of [true, false]) {
       const { store, stop } = stoppable();
       let takeover: boolean | undefined;
@@ -515,7 +515,8 @@ describe('the lease and the invocation deadline', () => {
         async (event: LambdaFunctionURLEvent) => {
           takeover = idempotencyOf(event)?.takeover;
           if (event.headers['x-hang']) {
-            stop(); // Lambda stops the invocation at its deadline: no renewal, no settlement.
+            // Lambda stops the invocation at its deadline (600 ms): no renewal after it, no settlement.
+            setTimeout(stop, 600);
             return new Promise<never>(() => {});
           }
           return { statusCode: 201, body: '{}' };
@@ -524,8 +525,9 @@ describe('the lease and the invocation deadline', () => {
       );
       const hanging = clone(URL_EVENT);
       hanging.headers['x-hang'] = '1';
-      void handler(hanging, bounded ? lambdaContext(200) : ({} as Context));
-      await sleep(1_400);
+      // Bounded: a 1.6 s lease, renewed once (at 533 ms) before the deadline, so held until about 2.1 s.
+      void handler(hanging, bounded ? lambdaContext(600) : ({} as Context));
+      await sleep(2_400);
       const retry = seen(await handler(clone(URL_EVENT), lambdaContext()), 'function-url');
       if (bounded) {
         expect(retry.status).toBe(201);
