@@ -1,8 +1,9 @@
 /**
  * oncely: make retries safe. The engine, the store contract, the function
  * form and the errors. Front doors live in `oncely/express`,
- * `oncely/fastify`, `oncely/fetch`, `oncely/client` and `oncely/consumer`;
- * stores in `oncely/stores/<name>`.
+ * `oncely/fastify`, `oncely/fetch`, `oncely/koa`, `oncely/nestjs`,
+ * `oncely/lambda`, `oncely/client` and `oncely/consumer`; stores in
+ * `oncely/stores/<name>`; OpenTelemetry in `oncely/otel`.
  *
  * @module
  */
