@@ -205,8 +205,12 @@ class Gate {
     return this.#held;
   }
 
-  /** Resolve once no transaction is open (in the order of the calls); reject after `ms`. */
-  async free(ms: number, what: string): Promise<void> {
+  /**
+   * Run `body` once no transaction is open: at once (synchronously) when
+   * none is, else in the order of the calls; reject after `ms`. The check
+   * and `body` run in one step, so nothing can open a transaction between them.
+   */
+  async when<T>(ms: number, what: string, body: () => T): Promise<T> {
     const deadline = Date.now() + ms;
     while (this.#held) {
       const remaining = deadline - Date.now();
@@ -222,6 +226,7 @@ class Gate {
       await Promise.race([this.#idle, new Promise<void>((resolve) => (timer = setTimeout(resolve, remaining)))]);
       clearTimeout(timer);
     }
+    return body();
   }
 
   take(): void {
@@ -438,10 +443,7 @@ export function sqliteStore(options: SqliteStoreOptions): SqliteStore {
    * inside it, the write would commit or roll back with its business writes.
    * Without an open transaction this adds nothing (no await).
    */
-  const write = async <T>(what: string, body: () => T): Promise<T> => {
-    if (gate.held) await gate.free(busyMs, what);
-    return body();
-  };
+  const write = <T>(what: string, body: () => T): Promise<T> => gate.when(busyMs, what, body);
 
   const purge = (limit: number): number => {
     const at = now();
@@ -469,15 +471,16 @@ export function sqliteStore(options: SqliteStoreOptions): SqliteStore {
 
   const transactions: StoreTransactions<SqliteDatabase> = {
     async open(id, token): Promise<StoreTransaction<SqliteDatabase>> {
-      // Take turns: check and take in one synchronous step.
-      while (gate.held) await gate.free(busyMs, 'opening a transaction');
-      gate.take();
-      try {
-        begin.run();
-      } catch (error) {
-        gate.release();
-        throw error;
-      }
+      // Take turns: the gate is taken in the same step that found it free.
+      await gate.when(busyMs, 'opening a transaction', () => {
+        gate.take();
+        try {
+          begin.run();
+        } catch (error) {
+          gate.release();
+          throw error;
+        }
+      });
       let ended = false;
       const end = (): void => {
         if (ended) return;
