@@ -5,6 +5,6 @@
  * @module
  */
 export { defineStoreConformance } from './conformance.js';
-export type { ConformanceRunner, StoreConformanceOptions } from './conformance.js';
+export type { ConformanceRunner, StoreConformanceOptions, TransactionWrites } from './conformance.js';
 export { startFaultProxy } from './fault-proxy.js';
 export type * from './fault-proxy.js';
