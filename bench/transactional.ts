@@ -956,7 +956,7 @@ async function main(): Promise<void> {
     if (sqliteTxRow) {
       meaning.push(
         `- **SQLite**: transactional mode ran at ${range(sqliteTxRow.ratios)} plain mode's req/s, with ${f0(median('sqlite-transactional', 'miss', (x) => x.clientCpu))} against ${f0(median('sqlite-plain', 'miss', (x) => x.clientCpu))} µs of CPU per request (the database included), ${f2(median('sqlite-transactional', 'miss', (x) => x.statements))} against ${f2(median('sqlite-plain', 'miss', (x) => x.statements))} statements and one commit fewer (${f2(median('sqlite-transactional', 'miss', (x) => x.commits))} against ${f2(median('sqlite-plain', 'miss', (x) => x.commits))}). ` +
-          `The event loop was busy ${f2(median('sqlite-transactional', 'miss', (x) => x.elu))} and ${f2(median('sqlite-plain', 'miss', (x) => x.elu))} of the time: the process never waited, so the req/s of the two differ by the CPU this loaded machine gave the process, and CPU per request is the figure to read. ` +
+          `The event loop was busy ${f2(median('sqlite-transactional', 'miss', (x) => x.elu))} and ${f2(median('sqlite-plain', 'miss', (x) => x.elu))} of the time (it never sat waiting for work), so their req/s differ by the CPU this loaded machine gave the process and by the time it spent blocked in SQLite's synchronous file writes, both of which moved from round to round (see the ranges); CPU per request is the steadier figure. ` +
           "Transactions of concurrent requests take turns on the one connection (the store's gate) while a handler runs; this handler does not wait inside its transaction, so the turns cost nothing here, but one that awaits other I/O inside it holds every other request's writes for that long.",
       );
     }
