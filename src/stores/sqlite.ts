@@ -103,15 +103,22 @@ export interface SqliteStoreOptions {
   /** Create the table and its index when missing. Default true. */
   migrate?: boolean;
   /**
-   * Set `journal_mode = WAL`, `synchronous = NORMAL` and `busy_timeout` on
-   * the connection. Default true; turn off to keep your own settings.
+   * Set `journal_mode = WAL` and `synchronous = NORMAL` on the connection,
+   * and, once the table is ready, `busy_timeout = 0`: SQLite's own busy
+   * handler sleeps inside the call, blocking the event loop while another
+   * process writes, so the store waits for the lock itself, asynchronously.
+   * Your own statements on this `Database` then get `SQLITE_BUSY` at once
+   * when another process holds the lock: retry them, or give them a
+   * connection of their own. Default true; turn off to keep your own
+   * settings (a `busy_timeout` of yours then blocks the loop while it waits).
    */
   configure?: boolean;
   /**
-   * `busy_timeout` in ms: how long a process waits for another's write lock.
-   * Default 5000. Also how long the store's own writes, and the opening of
-   * a transaction, wait for a transaction of transactional mode open on the
-   * same `Database` to end.
+   * How long the store's writes wait for another connection's write lock,
+   * in ms, without blocking the event loop (they retry every few ms);
+   * past it they fail as a store outage (503). Default 5000. Also how long
+   * the store's own writes, and the opening of a transaction, wait for a
+   * transaction of transactional mode open on the same `Database` to end.
    */
   busyTimeoutMs?: number;
   /**
@@ -244,6 +251,12 @@ class Gate {
 
 const gates = new WeakMap<SqliteDatabase, Gate>();
 
+/** SQLITE_BUSY and its extended codes: another connection holds the write lock. */
+const isBusy = (error: unknown): boolean => {
+  const code = (error as { code?: unknown } | null)?.code;
+  return typeof code === 'string' && code.startsWith('SQLITE_BUSY');
+};
+
 function gateOf(db: SqliteDatabase): Gate {
   let gate = gates.get(db);
   if (gate === undefined) {
@@ -335,6 +348,8 @@ export function sqliteStore(options: SqliteStoreOptions): SqliteStore {
     db.pragma('synchronous = NORMAL');
   }
   if (options.migrate !== false) migrateSqlite(db, { table });
+  // From now on, waiting for another process's lock is the store's business, never a sleep in the loop.
+  if (options.configure !== false) db.pragma('busy_timeout = 0');
 
   const t = `"${table}"`;
   const st = `"${sessionsTableName(table)}"`;
@@ -443,7 +458,29 @@ export function sqliteStore(options: SqliteStoreOptions): SqliteStore {
    * inside it, the write would commit or roll back with its business writes.
    * Without an open transaction this adds nothing (no await).
    */
-  const write = <T>(what: string, body: () => T): Promise<T> => gate.when(busyMs, what, body);
+  // Another process's write lock must never block this event loop: SQLite's
+  // busy handler sleeps inside the call, so once set up the connection runs
+  // with busy_timeout 0 (see `configure`) and a SQLITE_BUSY is waited out
+  // here, asynchronously, up to busyTimeoutMs.
+  const write = async <T>(what: string, body: () => T): Promise<T> => {
+    const deadline = Date.now() + busyMs;
+    let pause = 1;
+    for (;;) {
+      try {
+        return await gate.when(busyMs, what, body);
+      } catch (error) {
+        if (!isBusy(error)) throw error;
+        if (Date.now() + pause > deadline) {
+          throw new StoreUnavailableError(
+            `SQLite: ${what} waited ${busyMs} ms (busyTimeoutMs) for another connection's write lock.`,
+            { cause: error },
+          );
+        }
+        await new Promise((resolve) => setTimeout(resolve, pause));
+        pause = Math.min(pause * 2, 25);
+      }
+    }
+  };
 
   const purge = (limit: number): number => {
     const at = now();
@@ -453,7 +490,9 @@ export function sqliteStore(options: SqliteStoreOptions): SqliteStore {
   // A database the user closed has nothing left to purge, and a transaction
   // left open is not ours to write into: the drain ends quietly.
   let timer =
-    purging === undefined ? undefined : startPurge({ purgeExpired: async (limit) => (db.open && !db.inTransaction ? purge(limit) : 0) }, purging);
+    purging === undefined
+      ? undefined
+      : startPurge({ purgeExpired: async (limit) => (db.open && !db.inTransaction ? write('a purge', () => purge(limit)) : 0) }, purging);
 
   const sessions: StoreSessions = {
     heartbeat: (session, ttlMs) =>
@@ -472,7 +511,7 @@ export function sqliteStore(options: SqliteStoreOptions): SqliteStore {
   const transactions: StoreTransactions<SqliteDatabase> = {
     async open(id, token): Promise<StoreTransaction<SqliteDatabase>> {
       // Take turns: the gate is taken in the same step that found it free.
-      await gate.when(busyMs, 'opening a transaction', () => {
+      await write('opening a transaction', () => {
         gate.take();
         try {
           begin.run();
