@@ -6,7 +6,8 @@
  * keys that sort like `undefined`, BigInt with a toJSON.
  */
 import { createHash, createHmac } from 'node:crypto';
-import { afterEach, describe, expect, it } from 'vitest';
+import { createRequire, syncBuiltinESMExports } from 'node:module';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 import { BodyInvalidError, ConfigError } from '../errors/index.js';
 import { canonicalJson, FINGERPRINT_VERSION, fingerprintOf, fingerprintV1, keyedRecordId, MAX_JSON_DEPTH, recordId, recordIdFor, sha256Hex, sortedQuery } from './fingerprint.js';
 
@@ -42,6 +43,24 @@ describe('fingerprint v1 layout', () => {
     ];
     const expected = `v1:${sha('v1\nPOST\n/p\n\nx-a:1\nx-b:2\nx-c:3\nx-d:4\n-')}`;
     for (const order of permutations(headers)) expect(fingerprintV1({ method: 'POST', path: '/p', headers: order })).toBe(expected);
+  });
+
+  it('on a Node without crypto.hash, sha256Hex falls back to createHash with the same digests', async () => {
+    const expected = fingerprintOf([1]);
+    const cjs = createRequire(import.meta.url)('node:crypto') as { hash?: unknown };
+    const saved = cjs.hash;
+    cjs.hash = undefined;
+    syncBuiltinESMExports();
+    try {
+      vi.resetModules();
+      const fresh = await import('./fingerprint.js');
+      expect(fresh.sha256Hex('abc')).toBe(sha('abc'));
+      expect(fresh.fingerprintOf([1])).toBe(expected);
+    } finally {
+      cjs.hash = saved;
+      syncBuiltinESMExports();
+      vi.resetModules();
+    }
   });
 
   it('fingerprintOf is SHA-256 of "v\\n" and the canonical JSON', () => {

@@ -69,8 +69,11 @@ describe('settings', () => {
     expect(record?.expiresAt).toBeLessThanOrEqual(Date.now() + 5_678);
   });
 
-  it('store-wide settings with an engine are refused (one rule for engine settings)', () => {
+  it('store-wide settings with an engine are refused (one rule for engine settings), naming idempotent()', () => {
     const engine = new Engine({ store: memoryStore() });
+    expect(() => idempotent(async function charge() {}, { engine, key: () => 'k', failOpen: false })).toThrow(
+      'idempotent() was given an `engine` and also `failOpen`: set those on the engine instead.',
+    );
     for (const extra of [{ storeTimeoutMs: 10 }, { failOpen: true }, { hooks: {} }, { sessions: false as const }]) {
       expect(() => idempotent(async function charge() {}, { engine, key: () => 'k', ...extra })).toThrow(ConfigError);
     }
