@@ -261,3 +261,54 @@ describe('memory store claimMany', () => {
     expect((await memoryStore().claimMany!(['a', 'b'], input)).map((r) => r.status)).toEqual(['acquired', 'acquired']);
   });
 });
+
+describe('memory store lookups', () => {
+  it('finds every record and forgets removed ones through growth, removals and reuse of slots (checked against a Map)', async () => {
+    let now = 0;
+    const store = memoryStore({ maxEntries: 1_000_000, maxBytes: 2 ** 34, now: () => now });
+    const model = new Map<string, { token: string; done: boolean }>();
+    // A small deterministic generator: the same sequence every run.
+    let x = 42;
+    const next = (n: number): number => {
+      x = (Math.imul(x, 1103515245) + 12345) & 0x7fffffff;
+      return x % n;
+    };
+    const idOf = (n: number) => (n % 3 === 0 ? `k${n}` : n % 3 === 1 ? `${n.toString(16).padStart(64, '0')}` : `scope/é/${n}`);
+    for (let step = 0; step < 30_000; step++) {
+      const id = idOf(next(5_000));
+      const op = next(4);
+      const known = model.get(id);
+      if (op < 2) {
+        const claim = await store.claim(id, LIVE);
+        if (known === undefined) {
+          expect(claim.status).toBe('acquired');
+          if (claim.status === 'acquired') model.set(id, { token: claim.token, done: false });
+        } else expect(claim.status).toBe(known.done ? 'completed' : 'in_progress');
+      } else if (op === 2 && known !== undefined && !known.done) {
+        if (next(2) === 0) {
+          expect(await store.complete(id, known.token, `out ${id}`, 60_000)).toBe(true);
+          known.done = true;
+        } else {
+          expect(await store.release(id, known.token)).toBe(true);
+          model.delete(id);
+        }
+      } else if (op === 3) {
+        expect(await store.delete(id)).toBe(known !== undefined);
+        model.delete(id);
+      }
+    }
+    expect(store.size).toBe(model.size);
+    for (let n = 0; n < 5_000; n++) {
+      const id = idOf(n);
+      const record = await store.get(id);
+      const known = model.get(id);
+      if (known === undefined) expect(record).toBeNull();
+      else expect(record).toMatchObject(known.done ? { state: 'completed', outcome: `out ${id}` } : { state: 'in_progress' });
+    }
+    // Everything expires and is reclaimed: the store empties.
+    now += 120_000;
+    expect(await store.purgeExpired(1_000_000)).toBe(model.size);
+    expect(store.size).toBe(0);
+    expect(store.bytes).toBe(0);
+  });
+});
