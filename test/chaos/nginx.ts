@@ -77,6 +77,30 @@ function childrenOf(pid: number): number[] {
   }
 }
 
+/** Every NGINX started here and not stopped yet. */
+const running = new Set<Nginx>();
+/** Its master's pid and its worker's, for the last-resort kill at exit. */
+const pids = new Map<Nginx, () => number[]>();
+
+/** Stop every NGINX started here (afterAll). */
+export async function stopAllNginx(): Promise<void> {
+  await Promise.all([...running].map((nginx) => nginx.stop()));
+}
+
+// A test runner that ends the process (a test timeout, a crash) never reaches
+// afterAll's stop: NGINX, a child with daemon off, would outlive it.
+process.once('exit', () => {
+  for (const list of pids.values()) {
+    for (const pid of list()) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        // gone already
+      }
+    }
+  }
+});
+
 /** Render nginx.conf into `dir` and start NGINX on it; resolves once it accepts connections. */
 export async function startNginx(options: NginxOptions): Promise<Nginx> {
   const { binary, dir, port, upstreams } = options;
@@ -145,7 +169,19 @@ export async function startNginx(options: NginxOptions): Promise<Nginx> {
     await new Promise((resolve) => setTimeout(resolve, 50));
   }
   workers = childrenOf(child.pid!);
-  return { url: `http://127.0.0.1:${port}`, accessLog: () => read(accessPath), errorLog: () => read(errorPath), stop };
+  const nginx: Nginx = {
+    url: `http://127.0.0.1:${port}`,
+    accessLog: () => read(accessPath),
+    errorLog: () => read(errorPath),
+    stop: async () => {
+      await stop();
+      running.delete(nginx);
+      pids.delete(nginx);
+    },
+  };
+  running.add(nginx);
+  pids.set(nginx, () => (alive(child) ? [child.pid!, ...workers] : []));
+  return nginx;
 }
 
 /**

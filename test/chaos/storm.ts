@@ -20,6 +20,7 @@
  * had received; the record still names the dead owner) is counted apart:
  * nothing was taken over.
  */
+import { loadavg } from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ClientRequestError, createClient } from 'oncely/client';
 import { openBusinessDb } from '../../reference/db.js';
@@ -74,6 +75,8 @@ export interface ChaosResult {
   finishedByKilled: number;
   /** Per killed claim: ms from the SIGKILL to its completion by another instance. */
   takeoverMs: number[];
+  /** Per killed claim: ms from the SIGKILL until another instance was seen holding it (the takeover's claim itself). */
+  claimedMs: number[];
   /** Killed claims no other instance completed within the tracking window. */
   notTakenOver: number;
   duplicatePayments: number;
@@ -98,6 +101,8 @@ export interface ChaosResult {
   /** Client requests NGINX sent to more than one instance. */
   nginxResends: number;
   stormSeconds: number;
+  /** How busy the machine was: the 1-minute load average at the start and the end, and an instance's start time (p50, ms). */
+  load: { start: number; end: number; instanceStartMs: number };
   /** Notes for failures: unanswered operations, claims not taken over. */
   notes: string[];
 }
@@ -170,6 +175,8 @@ function operations(config: ChaosConfig, run: string): Operation[] {
 class CompletionWatch {
   readonly #watching = new Map<string, number>();
   readonly #completedAt = new Map<string, { at: number; owner: string | undefined }>();
+  /** Every owner seen in progress on each record, with when it was first seen. */
+  readonly #owners = new Map<string, Array<{ at: number; owner: string | undefined }>>();
   #running = true;
   readonly #loop: Promise<void>;
 
@@ -183,6 +190,11 @@ class CompletionWatch {
             const now = Date.now();
             for (const [id, state] of states) {
               if (state.state === 'completed') this.#completedAt.set(id, { at: now, owner: state.owner });
+              if (state.state === 'in_progress') {
+                const seen = this.#owners.get(id) ?? [];
+                if (seen.at(-1)?.owner !== state.owner) seen.push({ at: now, owner: state.owner });
+                this.#owners.set(id, seen);
+              }
             }
           } catch {
             // a slow or failed read: the next round tries again
@@ -213,6 +225,19 @@ class CompletionWatch {
     return this.#completedAt.get(id);
   }
 
+  /**
+   * When another owner than `from` was first seen holding `id` (the
+   * takeover's claim), or, if no such moment was seen between two polls,
+   * when `id` was seen completed by another owner.
+   */
+  takenOverAt(id: string, from: string): number | undefined {
+    const other = this.#owners.get(id)?.find((seen) => seen.owner !== from);
+    const completed = this.#completedAt.get(id);
+    const completedElsewhere = completed !== undefined && completed.owner !== from ? completed.at : undefined;
+    if (other === undefined) return completedElsewhere;
+    return completedElsewhere === undefined ? other.at : Math.min(other.at, completedElsewhere);
+  }
+
   async stop(): Promise<void> {
     this.#running = false;
     await this.#loop;
@@ -222,6 +247,7 @@ class CompletionWatch {
 /** Run one configuration; every process it started is gone when it returns or throws. */
 export async function runChaos(config: ChaosConfig): Promise<ChaosResult> {
   const { probe, log } = config;
+  const loadAtStart = loadavg()[0]!;
   const run = config.tablePrefix.replace(/_$/, '');
   const [nginxPort, ...instancePorts] = config.ports;
   const nginxUrl = `http://127.0.0.1:${nginxPort}`;
@@ -244,9 +270,11 @@ export async function runChaos(config: ChaosConfig): Promise<ChaosResult> {
   const slots: Slot[] = instancePorts.map((port) => ({ port, server: undefined, restarting: undefined }));
   const restartFailures: string[] = [];
   const restartMs: number[] = [];
+  const started: Server[] = [];
   const start = async (slot: Slot): Promise<void> => {
     const begun = Date.now();
     slot.server = await startServer(config.dir, { ...env, PORT: String(slot.port) });
+    started.push(slot.server);
     restartMs.push(Date.now() - begun);
   };
 
@@ -298,6 +326,7 @@ export async function runChaos(config: ChaosConfig): Promise<ChaosResult> {
     const knownDead = new Set<string>();
     const trackers: Array<Promise<void>> = [];
     const takeoverMs: number[] = [];
+    const claimedMs: number[] = [];
     let killedClaims = 0;
     let finishedByKilled = 0;
     let notTakenOver = 0;
@@ -329,6 +358,7 @@ export async function runChaos(config: ChaosConfig): Promise<ChaosResult> {
           } else {
             killedClaims++;
             times.push(completed.at - t0);
+            claimedMs.push((watch.takenOverAt(id, snapshot.get(id)!) ?? completed.at) - t0);
           }
         }
         takeoverMs.push(...times);
@@ -476,6 +506,17 @@ export async function runChaos(config: ChaosConfig): Promise<ChaosResult> {
         }
       }
     });
+    // The instances' own errors (a 5xx that is not oncely's is logged with its cause), and with
+    // LOG=1 (CHAOS_LOG=1) their 5xx answers, for the notes.
+    for (const server of started) {
+      const output = server.output();
+      for (const match of output.matchAll(/\[reference\] \S+ \S+ failed:/g)) {
+        if (notes.length < 40) notes.push(`instance: ${output.slice(match.index, match.index + 800)}`);
+      }
+      for (const line of output.split('\n')) {
+        if (/"statusCode":5\d\d|"level":50/.test(line) && notes.length < 40) notes.push(`instance: ${line.slice(0, 600)}`);
+      }
+    }
     const recordIds = [...payments, ...orders].map((row) => row.idempotency_id).filter((id): id is string => id !== null);
     const states = await probe.states(recordIds);
     const rowsWithoutRecord = [...states.values()].filter((state) => state.state !== 'completed').length;
@@ -489,6 +530,7 @@ export async function runChaos(config: ChaosConfig): Promise<ChaosResult> {
       killedClaims,
       finishedByKilled,
       takeoverMs,
+      claimedMs,
       notTakenOver,
       duplicatePayments,
       ordersChargedTwice,
@@ -504,6 +546,7 @@ export async function runChaos(config: ChaosConfig): Promise<ChaosResult> {
       attempts: outcomes.reduce((sum, o) => sum + o.attempts, 0),
       nginxResends: resentRequests(nginx.accessLog()),
       stormSeconds: (stormEnd - stormStart) / 1000,
+      load: { start: loadAtStart, end: loadavg()[0]!, instanceStartMs: percentile(restartMs, 50) ?? 0 },
       notes,
     };
   } catch (error) {
