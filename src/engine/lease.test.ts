@@ -9,7 +9,7 @@ import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { LeaseLostError } from '../errors/index.js';
 import { memoryStore } from '../stores/memory.js';
 import { type Claim, Engine, type EngineOptions } from './engine.js';
-import type { IdempotencyStore } from './store.js';
+import type { IdempotencyStore, StoreSessions } from './store.js';
 
 const T0 = 1_700_000_000_000;
 
@@ -22,7 +22,7 @@ interface Script {
 type Op = keyof Script;
 
 /** A memory store behind a script; every call is logged with its virtual time (ms after T0). */
-function scripted() {
+function scripted(sessions?: StoreSessions) {
   const real = memoryStore({ now: () => Date.now() });
   const calls: Array<{ op: Op; at: number; args: unknown[] }> = [];
   const script: Script = {};
@@ -50,6 +50,7 @@ function scripted() {
     delete: (id) => real.delete(id),
     purgeExpired: (limit) => real.purgeExpired(limit),
     close: () => real.close(),
+    ...(sessions ? { sessions } : {}),
   };
   const at = (op: Op) => calls.filter((call) => call.op === op).map((call) => call.at);
   return { store, real, calls, script, at };
@@ -343,5 +344,82 @@ describe('abandon', () => {
     expect(events).toEqual(['stored @0']);
     await until(10_000);
     expect(claim.lost).toBe(false);
+  });
+});
+
+describe('with a process session', () => {
+  /** Sessions whose heartbeats fail while `down` is set; TTL 1 000 ms, so a beat every 250 ms. */
+  function withSessions() {
+    const link = { down: false };
+    const beats: number[] = [];
+    const sessions: StoreSessions = {
+      heartbeat: async () => {
+        beats.push(Date.now() - T0);
+        if (link.down) throw new Error('ECONNRESET');
+      },
+      alive: async () => true,
+      end: async () => {},
+    };
+    return { ...scripted(sessions), link, beats };
+  }
+
+  it("the deadline is never later than the session's, which each heartbeat moves", async () => {
+    const { store, beats } = withSessions();
+    const { engine } = engineOn(store, { leaseMs: 30_000, sessions: { ttlMs: 1_000 } });
+    const claim = await won(engine);
+    expect(claim.leaseUntil).toBe(T0 + 1_000);
+    await until(600);
+    expect(beats).toEqual([0, 250, 500]);
+    expect(claim.leaseUntil).toBe(T0 + 1_500);
+    await engine.close();
+  });
+
+  it('heartbeats that fail: the signal fires exactly when the session may have ended', async () => {
+    const { store, link } = withSessions();
+    const { engine, events } = engineOn(store, { leaseMs: 30_000, sessions: { ttlMs: 1_000 } });
+    const claim = await won(engine);
+    const aborted = abortTime(claim);
+    link.down = true;
+    await until(999);
+    expect(aborted.at).toBeUndefined();
+    await until(5_000);
+    expect(aborted.at).toBe(1_000);
+    expect(events).toEqual(['leaseLost op @1000']);
+    await engine.close();
+  });
+
+  it('one failed heartbeat and then good ones: the deadline it armed moves on, nothing is lost', async () => {
+    const { store, link } = withSessions();
+    const { engine, events } = engineOn(store, { leaseMs: 30_000, sessions: { ttlMs: 1_000 } });
+    const claim = await won(engine);
+    link.down = true;
+    await until(300);
+    link.down = false;
+    await until(5_000);
+    expect(claim.lost).toBe(false);
+    expect(claim.leaseUntil).toBe(T0 + 5_000 + 1_000);
+    expect(events).toEqual([]);
+    // And when they fail for good later, the signal still fires at the session's end.
+    link.down = true;
+    const aborted = abortTime(claim);
+    await until(10_000);
+    expect(aborted.at).toBe(6_000);
+    await engine.close();
+  });
+
+  it('a settled or abandoned claim: heartbeats failing after it settled change nothing; abandoned, it ends with the session', async () => {
+    const { store, link } = withSessions();
+    const { engine, events } = engineOn(store, { leaseMs: 30_000, sessions: { ttlMs: 1_000 } });
+    const settled = await won(engine, 'settled');
+    expect(await settled.complete('done')).toBe(true);
+    const abandoned = await won(engine, 'abandoned');
+    abandoned.abandon();
+    const aborted = abortTime(abandoned);
+    link.down = true;
+    await until(5_000);
+    expect(settled.lost).toBe(false);
+    expect(aborted.at).toBe(1_000);
+    expect(events).toEqual(['stored @0', 'leaseLost abandoned @1000']);
+    await engine.close();
   });
 });
