@@ -62,6 +62,13 @@ describe('settings', () => {
     expect(() => core({ maxBodyBytes: -1 })).toThrow('maxBodyBytes must be');
   });
 
+  it('an engine together with engine options is refused, naming oncely', () => {
+    const engine = new Engine({ store: memoryStore() });
+    expect(() => new HttpIdempotency({ engine, scope: false, leaseMs: 1_000 })).toThrow(
+      'oncely was given an `engine` and also `leaseMs`: set those on the engine instead.',
+    );
+  });
+
   it('keyFromFingerprint needs a fingerprint and a window', () => {
     expect(() => core({ keyFromFingerprint: { windowMs: 1_000 }, fingerprint: false })).toThrow('keyFromFingerprint needs a fingerprint.');
     expect(() => core({ keyFromFingerprint: { windowMs: 0 } })).toThrow('keyFromFingerprint.windowMs must be');
@@ -413,7 +420,11 @@ describe('transactional replacement', () => {
     expect(await run.context.transaction()).toBe('db');
     const settled = await failing.finish(run, { kind: 'response', response: { status: 201, headers: [], body: '' } });
     expect(settled).toBe('rolled_back');
-    expect(failing.replacement(run, settled, 201)).toMatchObject({ status: 503 });
+    const replaced = failing.replacement(run, settled, 201);
+    expect(replaced).toMatchObject({ status: 503 });
+    expect(body(replaced!)).toMatchObject({
+      detail: 'The operation did not commit (its transaction rolled back); nothing happened. Retry with the same key.',
+    });
     const ok = transactional(async () => true);
     const good = await running(ok);
     await good.context.transaction();
