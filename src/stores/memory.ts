@@ -45,7 +45,7 @@ import type {
   StoreCapabilities,
   StoredRecord,
 } from '../engine/store.js';
-import { newToken } from '../engine/token.js';
+import { randomBytes } from 'node:crypto';
 import { ConfigError, StoreFullError } from '../errors/index.js';
 
 /**
@@ -179,6 +179,13 @@ export function memoryStore(options: MemoryStoreOptions = {}): MemoryStore {
   // lookup is one hash of the id, a probe that compares integers, and one
   // string comparison on a hit.
   const seed = (Math.random() * 0x100000000) | 0;
+  // Fencing tokens: a random prefix of this store's own and a counter, 36
+  // characters as a UUID. They only have to differ from every other token of
+  // this store (it is neither shared nor kept across restarts), which a
+  // counter guarantees; a UUID per claim allocated ten times as much.
+  const tokenPrefix = randomBytes(10).toString('hex');
+  let tokenSeq = 0;
+  const newToken = (): string => tokenPrefix + (++tokenSeq).toString(16).padStart(16, '0');
   let table = new Int32Array(2 * 1024);
   let mask = 1023;
   let capacity = 0;
