@@ -10,20 +10,26 @@
  *   ROUNDS=3 DURATION=3 WARMUP=2 CONNECTIONS=50 ONLY=<id,id> (the defaults; ONLY picks contestants)
  *
  * Every server runs in its own child process; autocannon and the checks run
- * here; Redis (127.0.0.1:6379) is shared, so every key starts with
- * `cmp-<run id>-` and is deleted at the end (never FLUSHDB).
+ * here. The Redis contestants share a Redis server of the benchmark's own
+ * (a free port, started and stopped here), so that its CPU time and
+ * commands over a round belong to the contestant under load: the added-µs
+ * figures (server CPU above the bare framework, plus Redis CPU, per request)
+ * compare oncely's total cost with the peers'. Writes the "compare" section
+ * of docs/benchmarks.md and the peers' bars of docs/benchmarks.svg.
  */
 import { execSync } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { cpus, loadavg } from 'node:os';
 import { join } from 'node:path';
 import { Redis } from 'ioredis';
-import { DOC, readSection } from '../lib/doc.js';
-import { BODY, counts, fmtRange, load, type Path, type RunResult, redisCpuUs, send, summarise, table } from '../lib/load.js';
+import { type ChartEntry, updateChart } from '../lib/chart.js';
+import { writeSection } from '../lib/doc.js';
+import { BODY, counts, fmtRange, type Path, send, summarise, table } from '../lib/load.js';
 import { machine } from '../lib/machine.js';
+import { addedServer, fmtAdded, fmtUs, perRound, round, type Sample, type StoreSide, storeCpu } from '../lib/measure.js';
+import { startRedis } from '../lib/redis.js';
 import { ROOT, type Server, startServer, stopAllOnExit } from '../lib/spawn.js';
-import { deleteKeys } from '../lib/stores.js';
 
 const ROUNDS = Number(process.env.ROUNDS ?? 3);
 const DURATION = Number(process.env.DURATION ?? 3);
@@ -78,6 +84,10 @@ const prefixOf = (c: Contestant) => `${NS}-${c.id}`;
 
 const servers = new Map<string, Server>();
 stopAllOnExit([...servers.values()]);
+// The Redis every Redis contestant uses, of this run's own.
+const redis = await startRedis();
+/** Where a contestant's store CPU and round trips are read. */
+const sideOf = (c: Contestant): StoreSide => (c.bare ? 'none' : c.redis ? 'redis' : !c.oncely ? 'none' : c.store === 'SQLite' ? 'sqlite' : 'memory');
 const log = (line: string) => console.log(`[${Math.round((Date.now() - started) / 1000)}s] ${line}`);
 
 // ---------------------------------------------------------------- correctness
@@ -196,7 +206,7 @@ async function roundTrips(c: Contestant, url: string): Promise<RoundTrips> {
   };
   if (c.redis) {
     // MONITOR on its own connection, counting only the commands sent by this server's connections.
-    const admin = new Redis({ host: '127.0.0.1', port: 6379, lazyConnect: true });
+    const admin = new Redis({ host: '127.0.0.1', port: redis.port, lazyConnect: true });
     await admin.connect();
     const addrs = await addrsOf(admin, prefixOf(c));
     const monitor = await admin.monitor();
@@ -238,40 +248,35 @@ async function roundTrips(c: Contestant, url: string): Promise<RoundTrips> {
 
 // ---------------------------------------------------------------- throughput
 
-interface Sample extends RunResult {
-  /** Server CPU time per request, µs. */
-  cpuPerReq: number;
-  /** Redis CPU time per request, µs (Redis is shared: approximate). */
-  redisCpuPerReq: number;
-}
-const cpuClient = new Redis({ host: '127.0.0.1', port: 6379, lazyConnect: true });
-await cpuClient.connect();
 const samples = new Map<string, Sample[]>();
 const at = (c: Contestant, p: Path) => `${c.id}|${p}`;
 
 async function throughput(group: Contestant[]): Promise<void> {
   const replayKey = (c: Contestant) => `${prefixOf(c)}-tp-replay`;
   for (const c of group) await send(servers.get(c.id)!.url, replayKey(c), BODY);
-  const run = async (c: Contestant, path: Path, durationS: number, round: number): Promise<Sample> => {
-    const url = servers.get(c.id)!.url;
-    const before = await counts(url).catch(() => null);
-    const redis0 = await redisCpuUs(cpuClient);
-    const r = await load({ url, path, durationS, connections: CONNECTIONS, replayKey: replayKey(c), keyPrefix: `${prefixOf(c)}-tp-${round}-` });
-    const after = await counts(url).catch(() => null);
-    const redis1 = await redisCpuUs(cpuClient);
-    const cpuPerReq = before && after ? (after.cpuUs - before.cpuUs) / Math.max(1, r.requests) : Number.NaN;
-    return { ...r, cpuPerReq, redisCpuPerReq: (redis1 - redis0) / Math.max(1, r.requests) };
-  };
+  const run = (c: Contestant, path: Path, durationS: number, r: number): Promise<Sample> =>
+    round({
+      url: servers.get(c.id)!.url,
+      side: sideOf(c),
+      path,
+      durationS,
+      connections: CONNECTIONS,
+      replayKey: replayKey(c),
+      keyPrefix: `${prefixOf(c)}-tp-${r}-`,
+      probes: { redis },
+    });
   for (const path of ['miss', 'replay'] as Path[]) for (const c of group) await run(c, path, WARMUP, -1);
-  for (let round = 0; round < ROUNDS; round++) {
+  for (let r = 0; r < ROUNDS; r++) {
     for (const path of ['miss', 'replay'] as Path[]) {
       for (let j = 0; j < group.length; j++) {
-        const c = group[(j + round) % group.length]!;
-        const r = await run(c, path, DURATION, round);
+        const c = group[(j + r) % group.length]!;
+        const sample = await run(c, path, DURATION, r);
         const list = samples.get(at(c, path)) ?? [];
-        list.push(r);
+        list.push(sample);
         samples.set(at(c, path), list);
-        log(`${c.framework} round ${round + 1} ${path.padEnd(6)} ${c.name.padEnd(36)} ${r.rps.toFixed(0).padStart(6)} req/s p50 ${r.p50} p99 ${r.p99} non-2xx ${r.non2xx} errors ${r.errors}`);
+        log(
+          `${c.framework} round ${r + 1} ${path.padEnd(6)} ${c.name.padEnd(36)} ${sample.rps.toFixed(0).padStart(6)} req/s CPU ${sample.cpuPerReq.toFixed(0)} µs/req Redis ${Number.isFinite(sample.storeCpuPerReq) ? sample.storeCpuPerReq.toFixed(0) : '–'} µs/req p99 ${sample.p99} non-2xx ${sample.non2xx} errors ${sample.errors}`,
+        );
       }
     }
   }
@@ -290,7 +295,12 @@ try {
       ...(await Promise.allSettled(
         contestants
           .slice(i, i + 4)
-          .map((c) => startServer(c.name, c.file, { env: { ...c.env, PREFIX: prefixOf(c) }, readyTimeoutMs: 90_000 })),
+          .map((c) =>
+            startServer(c.name, c.file, {
+              env: { ...c.env, PREFIX: prefixOf(c), REDIS_URL: redis.url, REDIS_PORT: String(redis.port) },
+              readyTimeoutMs: 90_000,
+            }),
+          ),
       )),
     );
   }
@@ -321,11 +331,8 @@ try {
   }
 } finally {
   await Promise.all([...servers.values()].map((s) => s.stop()));
-  const admin = new Redis({ host: '127.0.0.1', port: 6379, lazyConnect: true });
-  await admin.connect();
-  log(`deleted ${await deleteKeys(admin, `${NS}-*`)} Redis keys of run ${RUN}`);
-  admin.disconnect();
-  cpuClient.disconnect();
+  // The run's own Redis goes, with every key of the run.
+  await redis.stop();
 }
 
 // ---------------------------------------------------------------- report
@@ -340,44 +347,51 @@ const version = (dir: string, pkg: string) => {
 };
 const compareDir = join(ROOT, 'bench', 'compare');
 
-// A contestant's req/s or CPU per request over its own framework's bare
-// server, round by round (side by side), then median and range.
-function toBare(c: Contestant, path: Path, measure: 'rps' | 'cpuPerReq'): ReturnType<typeof summarise> {
-  const bare = contestants.find((x) => x.bare && x.framework === c.framework)!;
-  const base = samples.get(at(bare, path)) ?? [];
-  return summarise((samples.get(at(c, path)) ?? []).map((s, i) => s[measure] / (base[i]?.[measure] ?? Number.NaN)));
-}
+const bareOf = (c: Contestant, path: Path): Sample[] =>
+  samples.get(at(contestants.find((x) => x.bare && x.framework === c.framework)!, path)) ?? [];
+/** Server µs above the bare framework plus the store's own µs (Redis), round by round. */
+const addedTotal = (c: Contestant, path: Path) =>
+  perRound(samples.get(at(c, path)) ?? [], bareOf(c, path), (s, b) => s.cpuPerReq - b.cpuPerReq + (Number.isFinite(s.storeCpuPerReq) ? s.storeCpuPerReq : 0));
 
 const tpRows: string[][] = [];
-const medianRps = new Map<string, number>();
-const medianCpu = new Map<string, number>();
+const chart: ChartEntry[] = [];
 for (const framework of ['Fastify', 'Express'] as Framework[]) {
   const group = contestants.filter((c) => c.framework === framework && !c.correctnessOnly);
   for (const path of ['miss', 'replay'] as Path[]) {
     for (const c of group) {
       const list = samples.get(at(c, path)) ?? [];
       if (list.length === 0) continue;
-      const rps = summarise(list.map((s) => s.rps));
-      medianRps.set(at(c, path), rps.median);
-      medianCpu.set(at(c, path), summarise(list.map((s) => s.cpuPerReq)).median);
-      const ratio = toBare(c, path, 'rps');
-      const cpu = summarise(list.map((s) => s.cpuPerReq));
-      const cpuRatio = toBare(c, path, 'cpuPerReq');
+      const bare = bareOf(c, path);
+      const ratio = perRound(list, bare, (s, b) => s.rps / b.rps);
+      const added = addedServer(list, bare);
+      const sc = storeCpu(list);
       const bad = list.reduce((n, s) => n + s.non2xx + s.errors + s.timeouts, 0);
       const total = list.reduce((n, s) => n + s.requests, 0);
       tpRows.push([
         framework,
         path,
         c.name,
-        fmtRange(rps),
+        c.bare ? '–' : fmtAdded(added),
+        c.redis ? fmtUs(sc) : '–',
+        c.bare ? '–' : fmtAdded(addedTotal(c, path)),
+        fmtUs(summarise(list.map((s) => s.cpuPerReq))),
+        fmtRange(summarise(list.map((s) => s.rps))),
         c.bare ? '1.00' : `${ratio.median.toFixed(2)} (${ratio.min.toFixed(2)}–${ratio.max.toFixed(2)})`,
-        `${cpu.median.toFixed(0)} (${cpu.min.toFixed(0)}–${cpu.max.toFixed(0)})`,
-        summarise(list.map((s) => s.redisCpuPerReq)).median.toFixed(0),
-        c.bare ? '1.00' : `${cpuRatio.median.toFixed(2)} (${cpuRatio.min.toFixed(2)}–${cpuRatio.max.toFixed(2)})`,
         fmtRange(summarise(list.map((s) => s.p50)), 0),
         fmtRange(summarise(list.map((s) => s.p99)), 0),
         bad === 0 ? '0' : `**${bad}** of ${total}`,
       ]);
+      if (!c.bare) {
+        chart.push({
+          source: 'compare',
+          store: c.store,
+          path,
+          library: c.library,
+          framework,
+          server: added.median,
+          storeCpu: c.redis && Number.isFinite(sc.median) ? sc.median : undefined,
+        });
+      }
     }
   }
 }
@@ -395,35 +409,35 @@ const rtRows = contestants
     return [`${c.name} (${c.framework})`, r?.miss ?? '–', r?.replay ?? '–'];
   });
 
-// Headline: oncely-Fastify-Redis against the fastest peer that passes the concurrency row.
+// Headline (issue 12): what each contestant adds to its bare framework; the
+// Redis aim: oncely's total (server + Redis CPU) at most half of
+// @node-idempotency/core's, in the same run.
 const headline: string[] = [];
-const oncelyRedis = contestants.find((c) => c.id === 'f-oncely-redis');
-const passingPeers = contestants.filter((c) => !c.bare && !c.oncely && !c.correctnessOnly && results.get(c.id)?.correctness?.concurrency.pass);
+const aimLines: string[] = [];
+for (const framework of ['Fastify', 'Express'] as Framework[]) {
+  for (const path of ['miss', 'replay'] as Path[]) {
+    const o = contestants.find((c) => c.framework === framework && c.oncely && c.redis);
+    const peer = contestants.find((c) => c.framework === framework && c.library === '@node-idempotency/core');
+    if (!o || !peer || (samples.get(at(o, path)) ?? []).length === 0 || (samples.get(at(peer, path)) ?? []).length === 0) continue;
+    const mine = addedTotal(o, path);
+    const theirs = addedTotal(peer, path);
+    const r = mine.median / theirs.median;
+    const met = r <= 0.5;
+    const oServer = addedServer(samples.get(at(o, path))!, bareOf(o, path)).median;
+    const pServer = addedServer(samples.get(at(peer, path))!, bareOf(peer, path)).median;
+    const oRedis = storeCpu(samples.get(at(o, path))!).median;
+    const pRedis = storeCpu(samples.get(at(peer, path))!).median;
+    aimLines.push(
+      `- Redis on ${framework}, ${path}: oncely adds ${mine.median.toFixed(0)} µs per request (server ${oServer.toFixed(0)} + Redis ${oRedis.toFixed(0)}), @node-idempotency/core ${theirs.median.toFixed(0)} (server ${pServer.toFixed(0)} + Redis ${pRedis.toFixed(0)}): ${r.toFixed(2)}× (aim ≤ 0.50×): **${met ? 'met' : 'missed'}**`,
+    );
+  }
+}
 for (const path of ['miss', 'replay'] as Path[]) {
   for (const framework of ['Fastify', 'Express'] as Framework[]) {
-    for (const c of contestants.filter((x) => x.oncely && x.framework === framework)) {
-      if ((samples.get(at(c, path)) ?? []).length === 0) continue;
-      const ratio = toBare(c, path, 'rps');
-      const cpuRatio = toBare(c, path, 'cpuPerReq');
-      headline.push(
-        `- ${path}: oncely on ${framework} with ${c.store}: ${ratio.median.toFixed(2)}× the req/s of bare ${framework} (rounds ${ratio.min.toFixed(2)}–${ratio.max.toFixed(2)}); server CPU per request ${cpuRatio.median.toFixed(2)}× bare`,
-      );
-    }
-  }
-  if (oncelyRedis && medianRps.has(at(oncelyRedis, path))) {
-    const fastest = passingPeers.filter((p) => medianRps.has(at(p, path))).sort((a, b) => medianRps.get(at(b, path))! - medianRps.get(at(a, path))!)[0];
-    if (fastest)
-      headline.push(
-        `- ${path}: oncely on Fastify with Redis: ${(medianRps.get(at(oncelyRedis, path))! / medianRps.get(at(fastest, path))!).toFixed(2)}× the req/s of the fastest peer that passes the concurrency row (${fastest.name} on ${fastest.framework}: ${medianRps.get(at(oncelyRedis, path))!.toFixed(0)} against ${medianRps.get(at(fastest, path))!.toFixed(0)} req/s, medians); server CPU per request ${medianCpu.get(at(oncelyRedis, path))!.toFixed(0)} against ${medianCpu.get(at(fastest, path))!.toFixed(0)} µs`,
-      );
-    else headline.push(`- ${path}: no peer passed the concurrency row, so there is no peer to compare oncely on Fastify with Redis against`);
-    if (fastest) {
-      // What a 1.5× lead over that peer would ask of oncely, in bare Fastify's terms.
-      const peer = toBare(fastest, path, 'rps');
-      headline.push(
-        `- ${path}: ceiling: ${fastest.name} runs at ${peer.median.toFixed(2)}× bare Fastify here, so 1.5× its req/s would be ${(1.5 * peer.median).toFixed(2)}× bare Fastify, for a server that also makes ${path === 'miss' ? 'two store round trips' : 'a fingerprint and a lookup'} per request; bare Fastify (1.00×) is the ceiling of any contestant`,
-      );
-    }
+    const parts = contestants
+      .filter((c) => c.framework === framework && !c.bare && !c.correctnessOnly && (samples.get(at(c, path)) ?? []).length > 0)
+      .map((c) => `${c.name} ${addedTotal(c, path).median.toFixed(0)}`);
+    if (parts.length > 0) headline.push(`- ${path}, ${framework}: µs added per request (server above bare ${framework}, plus Redis CPU): ${parts.join('; ')}`);
   }
 }
 
@@ -453,23 +467,27 @@ const oncelyFailures = contestants
   });
 
 const load1 = loadavg();
-const doc = [
-  '# Benchmarks',
+const when = new Date().toISOString().slice(0, 16);
+const body = [
+  '## oncely and the other libraries',
   '',
-  'Two questions users ask of an idempotency library: does it ever run my handler twice, and what does it cost.',
-  'Both are answered here side by side, in one run on one machine. Generated by the commands below; do not edit by hand.',
-  '',
-  '## Headline',
-  '',
+  `Command: \`npm run bench:compare\` (\`node --conditions=source --import tsx bench/compare/run.ts\`), ${ROUNDS} rounds × ${DURATION} s after a ${WARMUP} s warm-up per contestant and path, ${CONNECTIONS} connections, oncely at commit ${commit} (built to \`dist/\`), run ${when}Z, ${Math.round((Date.now() - started) / 1000)} s in all.`,
   ...(Math.max(load0[0]!, load1[0]!) > cpus().length
     ? [
-        `> Other work shared this machine during the run (load average ${load0[0]!.toFixed(1)} at start, ${load1[0]!.toFixed(1)} at end, on ${cpus().length} cores): req/s swings with it, so read the ratios with their ranges, and lean on server CPU per request, which moves far less.`,
         '',
+        `> Other work shared this machine during the run (load average ${load0[0]!.toFixed(1)} at start, ${load1[0]!.toFixed(1)} at end, on ${cpus().length} cores): req/s swings with it, so lean on CPU per request, which moves far less.`,
       ]
     : []),
+  '',
+  '### What each adds to a bare server',
+  '',
   ...headline,
   '',
-  '## Correctness',
+  'Aims (issue 12):',
+  '',
+  ...aimLines,
+  '',
+  '### Correctness',
   '',
   'Same harness, same payment handler behind every contestant (parse a small JSON body, count the execution, answer 201 JSON `{id, amount, currency}`).',
   'Concurrency: 20 keys, for each 100 identical requests at once to a handler that takes 50 ms; executions counted by the handler itself.',
@@ -477,31 +495,31 @@ const doc = [
   '',
   table(['contestant', 'concurrency', 'same key, different body', 'throws, then succeeds', 'answers 500, then succeeds', 'sequential replay'], corrRows),
   '',
-  '### What failed, plainly',
+  '#### What failed, plainly',
   '',
   ...failures,
   ...(oncelyFailures.length > 0 ? ['', 'oncely rows that failed:', '', ...oncelyFailures] : ['', 'oncely passed every row on every store and framework it ran on.']),
   '',
-  '## Throughput',
+  '### Cost per request',
   '',
-  `${ROUNDS} rounds × ${DURATION} s after a ${WARMUP} s warm-up per contestant and path, ${CONNECTIONS} connections, autocannon in the harness process.`,
   'Miss: a new `Idempotency-Key` on every request. Replay: one key, primed before the rounds.',
-  'Within a framework every round runs every contestant back to back (order rotating); the ratio is taken per round against the bare framework, then its median and range. Fastify and Express groups run one after the other.',
+  'Within a framework every round runs every contestant back to back (order rotating); figures above the bare framework are taken per round, then their median (and range).',
+  "Server µs: CPU time of the server process (user + system, `process.cpuUsage()`) per request answered, minus the bare framework's in the same round: a cost per request that other load on the machine changes far less than req/s. Redis µs: CPU time of the run's own Redis server (`INFO cpu`) per request. Total: the two added.",
   'A contestant whose answers are not 2xx is not doing the work: see the last column.',
-  "Server CPU: user + system time of the server process (`process.cpuUsage()`) over the round divided by the requests answered: a cost per request that other load on the machine changes far less than req/s (it leaves out the load generator). Redis CPU: `INFO cpu` deltas per request; Redis is shared with other work, so it is approximate (a few µs of background show up for contestants that do not use Redis).",
   '',
-  table(['framework', 'path', 'contestant', 'req/s median (range)', 'ratio to bare', 'server CPU µs / request', 'Redis CPU µs / request', 'CPU ratio to bare', 'p50 ms', 'p99 ms', 'non-2xx / errors'], tpRows),
+  table(
+    ['framework', 'path', 'contestant', 'server µs above bare', 'Redis µs', 'total µs added', 'server CPU µs / request', 'req/s median (range)', 'req/s ratio to bare', 'p50 ms', 'p99 ms', 'non-2xx / errors'],
+    tpRows,
+  ),
   '',
-  '## Store round trips per request',
+  '### Store round trips per request',
   '',
   `${RT_N} sequential requests per path. Redis contestants: commands seen by \`MONITOR\` on a separate connection, counted only when sent by the server's own connections (found by client name); commands that a Lua script runs inside Redis are not round trips and are not counted.`,
   'oncely on memory and SQLite: calls counted by a wrapper around the store.',
   '',
   table(['contestant', 'miss (new key)', 'replay'], rtRows),
   '',
-  readSection('http') ?? '## oncely on Fastify: stores against bare Fastify\n\nNot run yet: `npm run bench`.',
-  '',
-  '## How the peers are wired',
+  '### How the peers are wired',
   '',
   '- express-idempotency: `app.use(express.json())`, then `app.use(idempotency({ dataAdapter }))`; the handler returns when `getSharedIdempotencyService().isHit(req)` and calls `reportError(req)` when processing throws, as its README says. Redis: `express-idempotency-redis-adapter` with `connectionConfig`.',
   '- @node-idempotency/core: `@node-idempotency/express` and `@node-idempotency/fastify` do not exist on npm (the core README links them; npm answers 404), so the servers call `onRequest` / `onResponse` the way the project\'s own `@node-idempotency/nestjs` interceptor does (409 + Retry-After, 422, 400; `Idempotent-Replayed: true`; the response, or the error, stored before it is sent). Storage: `@node-idempotency/storage-adapter-redis`.',
@@ -514,12 +532,12 @@ const doc = [
   '- Powertools stores whatever the wrapped function returns, so an answered 500 is replayed. Without `payloadValidationJmesPath` a reused key with another body silently gets the first answer. With it, `CachePersistenceLayer` (2.35.0) writes the COMPLETED record without the payload hash (`_updateRecord` keeps only status, expiry and data), so every later request with that key, even an identical retry, fails validation with 422.',
   '',
   '- `@nestjs/idempotency` does not exist on npm (404), so it is not in the comparison. `@node-idempotency/nestjs` exists but needs NestJS itself; its core is measured above.',
-  '- oncely: `oncely/fastify` plugin and `oncely/express` middleware with `scope` from the `x-account` header, default options (on Redis that includes coalescing the writes of one event-loop turn into one script, and the replay cache, which answers the repeated key of the replay rows in-process after its first replay; the round-trip table sends its 50 requests one after another, so it shows no coalescing, and after the first replay only what the cache misses).',
+  '- oncely: `oncely/fastify` plugin and `oncely/express` middleware with `scope` from the `x-account` header, default options (on Redis that includes process sessions, coalescing the writes of one event-loop turn into one script, and the replay cache, which answers the repeated key of the replay rows in-process after its first replay; the round-trip table sends its 50 requests one after another, so it shows no coalescing, and after the first replay only what the cache misses).',
   '',
-  '## Machine and versions',
+  '### Machine and versions',
   '',
-  machine(),
-  `- load average (1, 5, 15 min) at start ${load0.map((n) => n.toFixed(1)).join(', ')}, at end ${load1.map((n) => n.toFixed(1)).join(', ')}: other work may have shared the machine, which is why ratios are taken per round`,
+  machine({ redis: `Redis ${redis.version} on 127.0.0.1 (a server of this run's own, on a free port; shared by the Redis contestants, one at a time under load)` }),
+  `- load average (1, 5, 15 min) at start ${load0.map((n) => n.toFixed(1)).join(', ')}, at end ${load1.map((n) => n.toFixed(1)).join(', ')}`,
   '',
   `- oncely ${JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')).version} at commit ${commit}`,
   `- fastify ${version(ROOT, 'fastify')}, express ${version(ROOT, 'express')}, ioredis ${version(ROOT, 'ioredis')}, better-sqlite3 ${version(ROOT, 'better-sqlite3')}, autocannon ${version(ROOT, 'autocannon')}`,
@@ -527,16 +545,10 @@ const doc = [
     (p) => `- ${p} ${version(compareDir, p)}`,
   ),
   '',
-  '## Commands',
-  '',
-  '```sh',
-  'npm install --prefix bench/compare --no-audit --no-fund   # the peers, never dependencies of oncely',
-  'npm run bench:compare    # node --conditions=source --import tsx bench/compare/run.ts (this whole page but the next section)',
-  'npm run bench            # node --conditions=source --import tsx bench/http.ts (the "oncely on Fastify" section)',
-  '```',
-  '',
-  `Options: \`ROUNDS\`, \`DURATION\` (seconds), \`WARMUP\`, \`CONNECTIONS\`; this run: ${ROUNDS} × ${DURATION} s, ${CONNECTIONS} connections, ${Math.round((Date.now() - started) / 1000)} s in all, ${new Date().toISOString().slice(0, 16)}Z.`,
-  '',
+  'Options: `ROUNDS`, `DURATION` (seconds), `WARMUP`, `CONNECTIONS`, `ONLY=<id,id>`; the peers are installed by `npm run bench:compare` (`npm ci --prefix bench/compare`), never dependencies of oncely.',
 ].join('\n');
-writeFileSync(DOC, doc);
-console.log(`\n${headline.join('\n')}\n\nwrote ${DOC}`);
+console.log(`\n${body}`);
+if (process.env.WRITE_DOC !== '0') {
+  writeSection('compare', body);
+  updateChart('compare', chart, `${when}Z, ${ROUNDS} × ${DURATION} s, commit ${commit}`);
+}

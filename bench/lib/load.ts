@@ -123,6 +123,8 @@ export interface Counts {
   keys: Record<string, number>;
   /** CPU time the server process has used so far, µs. */
   cpuUs: number;
+  /** Garbage-collection pauses of the server process so far, µs (absent for servers that do not report them). */
+  gcUs?: number;
   store?: Record<string, number>;
 }
 

@@ -1,3 +1,5 @@
+import { PerformanceObserver } from 'node:perf_hooks';
+
 /**
  * The payment handler every contestant runs, and the execution counter the
  * harness reads. Framework-free so that each server is only its wiring.
@@ -17,6 +19,12 @@ export interface PaymentAnswer {
 
 let total = 0;
 const perKey = new Map<string, number>();
+
+// Garbage-collection pauses of this process so far (main thread, wall time), µs.
+let gcUs = 0;
+new PerformanceObserver((list) => {
+  for (const entry of list.getEntries()) gcUs += entry.duration * 1000;
+}).observe({ entryTypes: ['gc'] });
 
 /** Slow route delay, ms. */
 export const SLOW_MS = 50;
@@ -44,7 +52,8 @@ export async function pay(route: string, key: string | undefined, body: unknown)
 /**
  * Answer of `GET /__count`: total executions, those of the keys asked for,
  * the CPU time this process has used (µs, user + system: a cost per request
- * that other load on the machine barely changes), and any extra counters.
+ * that other load on the machine barely changes), its garbage-collection
+ * pauses (µs), and any extra counters.
  */
 export function countReport(query: string | undefined, extra: Record<string, unknown> = {}): Record<string, unknown> {
   const keys: Record<string, number> = {};
@@ -53,7 +62,7 @@ export function countReport(query: string | undefined, extra: Record<string, unk
     if (asked) for (const k of asked.split(',')) keys[k] = perKey.get(k) ?? 0;
   }
   const cpu = process.cpuUsage();
-  return { total, keys, cpuUs: cpu.user + cpu.system, ...extra };
+  return { total, keys, cpuUs: cpu.user + cpu.system, gcUs, ...extra };
 }
 
 /** Print the port in the line the harness waits for. */

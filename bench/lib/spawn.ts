@@ -18,6 +18,8 @@ export interface StartOptions {
   /** Extra node flags (e.g. `--cpu-prof`). */
   nodeFlags?: string[];
   readyTimeoutMs?: number;
+  /** Directory to run in (another checkout, for before/after runs). Default: this repository. */
+  cwd?: string;
 }
 
 /**
@@ -36,7 +38,7 @@ export async function startServer(name: string, file: string, options: StartOpti
       'tsx',
       file,
     ],
-    { cwd: ROOT, env: { ...process.env, PORT: '0', ...options.env }, stdio: ['ignore', 'pipe', 'inherit'] },
+    { cwd: options.cwd ?? ROOT, env: { ...process.env, PORT: '0', ...options.env }, stdio: ['ignore', 'pipe', 'inherit'] },
   );
   const port = await new Promise<number>((resolve, reject) => {
     let out = '';

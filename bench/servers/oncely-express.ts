@@ -1,4 +1,4 @@
-/** oncely on Express 5 (`STORE=memory|sqlite|redis`, `PREFIX` for Redis keys), running the payment handler. */
+/** oncely on Express 5 (`STORE=memory|sqlite|redis|postgres|mariadb`, `PREFIX` for Redis keys and SQL tables, `REDIS_PORT`), running the payment handler. */
 import express, { type NextFunction, type Request, type Response } from 'express';
 import { idempotency } from 'oncely/express';
 import { countReport, pay, portFromEnv, ready } from '../lib/payment.js';
@@ -7,7 +7,7 @@ import { makeStore, type StoreKind } from '../lib/stores.js';
 const bench = await makeStore((process.env.STORE ?? 'memory') as StoreKind, process.env.PREFIX ?? `oncely-bench-${process.pid}`);
 const app = express();
 app.get('/__count', (req, res) => {
-  res.json(countReport(req.url.split('?')[1], { store: bench.counts }));
+  res.json(countReport(req.url.split('?')[1], { store: bench.counts, backends: bench.backends?.() }));
 });
 app.use(idempotency({ store: bench.store, scope: (req) => req.get('x-account') }));
 app.post(/^\/payments/, express.json(), async (req, res) => {

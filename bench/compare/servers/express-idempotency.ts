@@ -15,7 +15,7 @@ const prefix = process.env.PREFIX ?? `cmp-${process.pid}`;
 const RedisAdapter = (RedisAdapterModule as unknown as { default: typeof RedisAdapterModule }).default ?? RedisAdapterModule;
 let adapter: InstanceType<typeof RedisAdapter> | undefined;
 if (process.env.STORE === 'redis') {
-  adapter = new RedisAdapter({ connectionConfig: { url: 'redis://127.0.0.1:6379', name: prefix } });
+  adapter = new RedisAdapter({ connectionConfig: { url: process.env.REDIS_URL ?? 'redis://127.0.0.1:6379', name: prefix } });
   await adapter.connect();
 }
 

@@ -29,7 +29,7 @@ export type Before =
   | { kind: 'respond'; status: number; headers: Record<string, string>; body: unknown };
 
 export async function makeIdempotency(prefix: string) {
-  const storage = new RedisStorageAdapter({ url: 'redis://127.0.0.1:6379', name: prefix });
+  const storage = new RedisStorageAdapter({ url: process.env.REDIS_URL ?? 'redis://127.0.0.1:6379', name: prefix });
   await storage.connect();
   const idempotency = new Idempotency(storage, { cacheKeyPrefix: prefix });
 

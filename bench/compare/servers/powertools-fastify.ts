@@ -17,7 +17,7 @@ import Fastify from 'fastify';
 import { countReport, pay, portFromEnv, ready } from '../../lib/payment.js';
 
 const prefix = process.env.PREFIX ?? `cmp-${process.pid}`;
-const client = createClient({ url: 'redis://127.0.0.1:6379', name: prefix });
+const client = createClient({ url: process.env.REDIS_URL ?? 'redis://127.0.0.1:6379', name: prefix });
 await client.connect();
 const persistenceStore = new CachePersistenceLayer({ client: client as never });
 
