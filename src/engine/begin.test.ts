@@ -439,7 +439,10 @@ describe('beginMany', () => {
   it('a failing store refuses the whole batch, unavailable or bypass with failOpen', async () => {
     const { store, script } = scripted();
     script.claimMany = () => Promise.reject(new Error('ECONNRESET'));
-    const closed = await new Engine({ store }).beginMany(['a', 'b']);
+    const engine = new Engine({ store });
+    const events = recorder(engine);
+    const closed = await engine.beginMany(['a', 'b']);
+    expect(events).toEqual(['storeError undefined claimMany']);
     expect(closed.map((b) => b.kind)).toEqual(['unavailable', 'unavailable']);
     expect(closed[0]).toBe(closed[1]);
     const open = await new Engine({ store, failOpen: true }).beginMany(['a', 'b']);
@@ -476,6 +479,72 @@ describe('process sessions', () => {
     expect(log).toEqual(['heartbeat 36 2000 @0']);
     expect(args('claim').map(([, input]) => (input as ClaimInput).owner)).toEqual([engine.session!.id, engine.session!.id]);
     await engine.close();
+    expect(log.at(-1)).toBe('end');
+  });
+
+  it('close() without sessions does nothing, and resolves', async () => {
+    await expect(new Engine({ store: memoryStore() }).close()).resolves.toBeUndefined();
+  });
+
+  it('a claim within half a TTL of the session deadline waits for a heartbeat first: unavailable when it fails', async () => {
+    let failing = false;
+    const { store, calls } = withSessions(async () => true, async () => {
+      if (failing) throw new Error('ECONNRESET');
+    });
+    const engine = new Engine({ store, sessions: { ttlMs: 1_000 } });
+    expect((await engine.begin({ id: 'a', fingerprint: null })).kind).toBe('run');
+    failing = true;
+    // The session was last known alive until 1 000; at 500 that is exactly half a TTL away.
+    await until(500);
+    expect(engine.session!.until).toBe(T0 + 1_000);
+    expect(await engine.begin({ id: 'b', fingerprint: null })).toMatchObject({ kind: 'unavailable' });
+    expect((await engine.beginMany(['c', 'd'])).map((b) => b.kind)).toEqual(['unavailable', 'unavailable']);
+    expect(calls.map((c) => c.args[0])).toEqual(['a']);
+    await engine.close();
+  });
+
+  it('with sessions off, a record owned by another session is simply in flight', async () => {
+    const { store, script, log } = withSessions(async () => false);
+    script.claim = async () => inProgress(30_000, Date.now(), null, 'someone');
+    const engine = new Engine({ store, sessions: false });
+    expect((await engine.begin({ id: 'a', fingerprint: null })).kind).toBe('in_flight');
+    expect(log).toEqual([]);
+  });
+
+  it('takeover from a dead session keeps the fingerprint rule: the same fingerprint is taken over; a null one asks the store', async () => {
+    const { store, script, args } = withSessions(async () => false);
+    const engine = new Engine({ store });
+    let stored: string | null = 'f';
+    script.claim = async (_id, input) =>
+      input.takeoverFrom ? { status: 'acquired', token: 't', takeover: true, leaseUntil: Date.now() + 30_000 } : inProgress(30_000, Date.now(), stored, 'gone');
+    expect((await engine.begin({ id: 'same', fingerprint: 'f' })).kind).toBe('run');
+    stored = 'x';
+    expect((await engine.begin({ id: 'unfingerprinted', fingerprint: null })).kind).toBe('run');
+    stored = null;
+    expect((await engine.begin({ id: 'stored-null', fingerprint: 'f' })).kind).toBe('run');
+    expect(args('claim').filter(([, input]) => (input as ClaimInput).takeoverFrom === 'gone').map(([id]) => id)).toEqual([
+      'same',
+      'unfingerprinted',
+      'stored-null',
+    ]);
+    await engine.close();
+  });
+
+  it('a failing liveness check or takeover claim is a store error of that operation: unavailable', async () => {
+    const failing = withSessions(() => Promise.reject(new Error('ECONNRESET')));
+    failing.script.claim = async () => inProgress(30_000, Date.now(), null, 'gone');
+    const engine = new Engine({ store: failing.store });
+    const events = recorder(engine);
+    expect((await engine.begin({ id: 'a', fingerprint: null })).kind).toBe('unavailable');
+    const refusing = withSessions(async () => false);
+    refusing.script.claim = async (_id, input) => (input.takeoverFrom ? Promise.reject(new Error('ECONNRESET')) : inProgress(30_000, Date.now(), null, 'gone'));
+    const other = new Engine({ store: refusing.store });
+    const otherEvents = recorder(other);
+    expect((await other.begin({ id: 'b', fingerprint: null })).kind).toBe('unavailable');
+    expect(events).toEqual(['storeError a alive']);
+    expect(otherEvents).toEqual(['storeError b claim']);
+    await engine.close();
+    await other.close();
   });
 
   it('a heartbeat that fails makes the claim unavailable: nothing is claimed', async () => {

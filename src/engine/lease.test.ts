@@ -270,6 +270,29 @@ describe('the local lease deadline', () => {
     expect(events).toEqual(['stored @1100']);
   });
 
+  it('a renewal that fails after the claim settled, even past the deadline, changes nothing', async () => {
+    const { store, script } = scripted();
+    script.renew = () => new Promise((_, reject) => setTimeout(() => reject(new Error('ECONNRESET')), 2_500));
+    const { engine, events } = engineOn(store, { leaseMs: 3_000 });
+    const claim = await won(engine);
+    await until(1_100);
+    expect(await claim.complete('done')).toBe(true);
+    await until(10_000);
+    expect(claim.lost).toBe(false);
+    expect(events).toEqual(['stored @1100']);
+  });
+
+  it('a failed renewal is reported as a store error of the renew operation', async () => {
+    const { store, script } = scripted();
+    script.renew = () => Promise.reject(new Error('ECONNRESET'));
+    const { engine } = engineOn(store, { leaseMs: 3_000 });
+    const errors: string[] = [];
+    engine.on('storeError', (e) => errors.push(`${e.id} ${e.operation}`));
+    await won(engine);
+    await until(1_000);
+    expect(errors).toEqual(['op renew']);
+  });
+
   it('a claim settled while a renewal hangs never fires its signal at the old deadline', async () => {
     const { store, script } = scripted();
     script.renew = () => hang();
@@ -350,11 +373,12 @@ describe('abandon', () => {
 describe('with a process session', () => {
   /** Sessions whose heartbeats fail while `down` is set; TTL 1 000 ms, so a beat every 250 ms. */
   function withSessions() {
-    const link = { down: false };
+    const link = { down: false, hang: false };
     const beats: number[] = [];
     const sessions: StoreSessions = {
       heartbeat: async () => {
         beats.push(Date.now() - T0);
+        if (link.hang) await new Promise(() => {});
         if (link.down) throw new Error('ECONNRESET');
       },
       alive: async () => true,
@@ -404,6 +428,38 @@ describe('with a process session', () => {
     const aborted = abortTime(claim);
     await until(10_000);
     expect(aborted.at).toBe(6_000);
+    await engine.close();
+  });
+
+  it('a deadline moved on by good heartbeats is kept armed: a heartbeat that then hangs still ends the claim at the session end', async () => {
+    // Beat at 250 fails (deadline armed for 1 000), 500 succeeds (session alive until 1 500), 750 hangs
+    // (the store timeout is a minute): the claim must still count as lost at 1 500.
+    const { store, link } = withSessions();
+    const { engine, events } = engineOn(store, { leaseMs: 30_000, sessions: { ttlMs: 1_000 } });
+    const claim = await won(engine);
+    const aborted = abortTime(claim);
+    link.down = true;
+    await until(300);
+    link.down = false;
+    await until(600);
+    link.hang = true;
+    await until(20_000);
+    expect(aborted.at).toBe(1_500);
+    expect(events).toEqual(['leaseLost op @1500']);
+    await engine.close();
+  });
+
+  it('an abandoned claim follows the session too: its deadline moves with good heartbeats and fires when they stop', async () => {
+    const { store, link } = withSessions();
+    const { engine } = engineOn(store, { leaseMs: 30_000, sessions: { ttlMs: 1_000 } });
+    const claim = await won(engine);
+    claim.abandon();
+    const aborted = abortTime(claim);
+    await until(600);
+    link.down = true;
+    await until(20_000);
+    // Last good heartbeat sent at 500: alive until 1 500.
+    expect(aborted.at).toBe(1_500);
     await engine.close();
   });
 

@@ -393,9 +393,12 @@ describe('a retried completion whose timed-out first try landed', () => {
     for (const get of answers) {
       vi.setSystemTime(T0);
       const { store } = landedLate(get);
-      const { engine } = engineOn(store, { storeTimeoutMs: 100 });
+      const { engine, events } = engineOn(store, { storeTimeoutMs: 100 });
       const settled = await timed((await won(engine)).settle({ kind: 'complete', outcome: 'mine' }));
       expect(settled.value).toBe('fenced');
+      expect(events.filter((e) => e.startsWith('storeError'))).toEqual(
+        get === answers[2] ? ['storeError complete', 'storeError get'] : ['storeError complete'],
+      );
     }
   });
 });
