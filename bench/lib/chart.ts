@@ -171,7 +171,7 @@ export function renderChart(data: ChartData): string {
         // A break mark near the top: the bar goes on.
         out.push(`<path d="M${bx - 2} ${top + 14} l${barW + 4} -6 M${bx - 2} ${top + 19} l${barW + 4} -6" stroke="white" stroke-width="3"/>`);
       }
-      const label = sc > 0 ? `${Math.round(server)}+${Math.round(sc)}` : `${Math.round(server)}`;
+      const label = Math.round(sc) > 0 ? `${Math.round(server)}+${Math.round(sc)}` : `${Math.round(server)}`;
       if (cut) {
         // Written down the bar, in white, below the break.
         const lx = bx + barW / 2 + 3.5;
