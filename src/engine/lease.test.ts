@@ -456,7 +456,7 @@ describe('with a process session', () => {
     claim.abandon();
     const aborted = abortTime(claim);
     await until(600);
-    link.down = true;
+    link.hang = true; // no failure to report: only the re-armed deadline can fire
     await until(20_000);
     // Last good heartbeat sent at 500: alive until 1 500.
     expect(aborted.at).toBe(1_500);
