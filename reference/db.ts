@@ -27,7 +27,10 @@ import { chmodSync, closeSync, existsSync, mkdirSync, openSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import type BetterSqlite3 from 'better-sqlite3';
 import type { Pool as MysqlPool } from 'mysql2/promise';
-import { postgresInbox, postgresInboxSchemaSql, type SqliteInbox, sqliteInbox, sqliteInboxSchemaSql } from 'oncely/consumer/inbox';
+import { type Inbox, inbox, postgresInbox, sqliteInbox } from 'oncely/consumer/inbox';
+import { migrateMysql, mysqlStore } from 'oncely/stores/mysql';
+import { postgresSchemaSql } from 'oncely/stores/postgres';
+import { sqliteTransaction } from 'oncely/stores/sqlite';
 import type { Pool as PgPool } from 'pg';
 
 /** The three databases the reference runs on. */
@@ -59,7 +62,8 @@ export interface Tables {
   reservations: string;
   ledgerOutbox: string;
   ledgerEntries: string;
-  ledgerInbox: string;
+  /** The ledger inbox's idempotency records (an oncely records table, and `<name>_sessions`). */
+  ledgerRecords: string;
 }
 
 /** The business database: statements through its pool, transactions, and what differs per dialect. */
@@ -127,7 +131,7 @@ function tablesOf(prefix: string): Tables {
     reservations: `${prefix}reservations`,
     ledgerOutbox: `${prefix}ledger_outbox`,
     ledgerEntries: `${prefix}ledger_entries`,
-    ledgerInbox: `${prefix}ledger_inbox`,
+    ledgerRecords: `${prefix}ledger_records`,
   };
 }
 
@@ -306,7 +310,6 @@ CREATE TABLE IF NOT EXISTS ${t.ledgerEntries} (
   recorded_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ${t.ledgerEntries}_account ON ${t.ledgerEntries} (consumer, account, seq);
-${sqliteInboxSchemaSql(t.ledgerInbox)}
 `;
 }
 
@@ -362,7 +365,7 @@ async function openSqlite(url: string, prefix: string): Promise<BusinessDb> {
   };
   // better-sqlite3 is one connection and our transactions span awaits: everything else takes turns with them.
   const turns = new Turns();
-  const inboxes = new Map<string, SqliteInbox<BetterSqlite3.Database>>();
+  const inboxes = new Map<string, Inbox<BetterSqlite3.Database>>();
   return {
     dialect: 'sqlite',
     prefix,
@@ -372,19 +375,9 @@ async function openSqlite(url: string, prefix: string): Promise<BusinessDb> {
     all: (sql, params) => turns.run(() => direct.all(sql, params)),
     get: (sql, params) => turns.run(() => direct.get(sql, params)),
     run: (sql, params) => turns.run(() => direct.run(sql, params)),
-    transaction: (fn) =>
-      turns.run(async () => {
-        // IMMEDIATE takes the write lock first, so two processes never deadlock upgrading a read lock.
-        db.exec('BEGIN IMMEDIATE');
-        try {
-          const result = await fn(direct);
-          db.exec('COMMIT');
-          return result;
-        } catch (error) {
-          if (db.inTransaction) db.exec('ROLLBACK');
-          throw error;
-        }
-      }),
+    // BEGIN IMMEDIATE (the write lock first, so two processes never deadlock upgrading a read lock),
+    // taking turns with the inbox's transactions and its store's own writes on this Database.
+    transaction: (fn) => turns.run(() => sqliteTransaction(db, () => fn(direct))),
     over() {
       // Not used: see docs/reference.md (one writer per file; a second connection would block the event loop).
       throw new Error('The reference does not run transactional mode on SQLite.');
@@ -396,16 +389,19 @@ async function openSqlite(url: string, prefix: string): Promise<BusinessDb> {
       return code === 'SQLITE_CONSTRAINT_UNIQUE' || code === 'SQLITE_CONSTRAINT_PRIMARYKEY';
     },
     applyOnce(consumer, messageId, sql, params) {
-      let inbox = inboxes.get(consumer);
-      if (inbox === undefined) {
-        inbox = sqliteInbox({ database: db, consumer, table: tables.ledgerInbox, migrate: false });
-        inboxes.set(consumer, inbox);
+      let once = inboxes.get(consumer);
+      if (once === undefined) {
+        once = sqliteInbox({ database: db, consumer, recordsTable: tables.ledgerRecords });
+        inboxes.set(consumer, once);
       }
-      const once = inbox;
-      return turns.run(() => once.handle(messageId, (database) => database.prepare(sql).run(...params)).status === 'processed');
+      const ledger = once;
+      return turns.run(
+        async () => (await ledger.handle(messageId, (database) => database.prepare(sql).run(...params))).status === 'processed',
+      );
     },
     async close() {
       await turns.run(() => undefined);
+      for (const each of inboxes.values()) await each.close();
       db.close();
     },
   };
@@ -498,7 +494,7 @@ CREATE TABLE IF NOT EXISTS ${t.ledgerEntries} (
   recorded_at BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ${t.ledgerEntries}_account ON ${t.ledgerEntries} (consumer, account, seq);
-${postgresInboxSchemaSql(t.ledgerInbox)}
+${postgresSchemaSql({ table: t.ledgerRecords })}
 `;
 }
 
@@ -548,7 +544,15 @@ async function openPostgres(url: string, prefix: string): Promise<BusinessDb> {
     throw new Error(`cannot reach PostgreSQL at ${redact(url)}: ${(error as Error).message}`);
   }
   const onPool = postgresSql(pool);
-  const inbox = (consumer: string) => postgresInbox({ pool, consumer, table: tables.ledgerInbox });
+  const inboxes = new Map<string, ReturnType<typeof postgresInbox>>();
+  const inboxOf = (consumer: string) => {
+    let once = inboxes.get(consumer);
+    if (once === undefined) {
+      once = postgresInbox({ pool, consumer, recordsTable: tables.ledgerRecords });
+      inboxes.set(consumer, once);
+    }
+    return once;
+  };
   return {
     dialect: 'postgres',
     prefix,
@@ -580,10 +584,13 @@ async function openPostgres(url: string, prefix: string): Promise<BusinessDb> {
       `INSERT INTO ${table} (${columns.join(', ')}) VALUES (${columns.map(() => '?').join(', ')}) ON CONFLICT DO NOTHING`,
     isUniqueViolation: (error) => (error as { code?: unknown } | null)?.code === '23505',
     async applyOnce(consumer, messageId, sql, params) {
-      const result = await inbox(consumer).handle(messageId, (client) => client.query(toPostgres(sql), [...params]));
+      const result = await inboxOf(consumer).handle(messageId, (client) => client.query(toPostgres(sql), [...params]));
       return result.status === 'processed';
     },
-    close: () => pool.end(),
+    async close() {
+      for (const each of inboxes.values()) await each.close();
+      await pool.end();
+    },
   };
 }
 
@@ -680,13 +687,6 @@ function mysqlSchema(t: Tables): string[] {
   recorded_at BIGINT NOT NULL,
   KEY ${t.ledgerEntries}_account (consumer, account, seq)
 ) ${options}`,
-    `CREATE TABLE IF NOT EXISTS ${t.ledgerInbox} (
-  consumer VARCHAR(128) NOT NULL,
-  message_id VARCHAR(255) NOT NULL,
-  processed_at BIGINT NOT NULL,
-  PRIMARY KEY (consumer, message_id),
-  KEY ${t.ledgerInbox}_processed_at (processed_at)
-) ${options}`,
   ];
 }
 
@@ -721,6 +721,7 @@ async function openMysql(url: string, prefix: string): Promise<BusinessDb> {
   try {
     // CREATE TABLE IF NOT EXISTS with its keys inline: safe for several processes at once.
     for (const statement of mysqlSchema(tables)) await pool.query(statement);
+    await migrateMysql(pool, { table: tables.ledgerRecords });
   } catch (error) {
     await pool.end().catch(() => {});
     throw new Error(`cannot reach MySQL at ${redact(url)}: ${(error as Error).message}`);
@@ -743,7 +744,8 @@ async function openMysql(url: string, prefix: string): Promise<BusinessDb> {
       connection.release();
     }
   };
-  const markProcessed = insertIgnore(tables.ledgerInbox, ['consumer', 'message_id', 'processed_at']);
+  const inboxes = new Map<string, Inbox<MysqlQueryable>>();
+  const records = mysqlStore({ pool, table: tables.ledgerRecords });
   return {
     dialect: 'mysql',
     prefix,
@@ -755,15 +757,21 @@ async function openMysql(url: string, prefix: string): Promise<BusinessDb> {
     over: (handle) => mysqlSql(mysqlQueryable(handle)),
     insertIgnore,
     isUniqueViolation: (error) => (error as { code?: unknown } | null)?.code === 'ER_DUP_ENTRY',
-    // oncely has no MySQL inbox: the same mechanism as postgresInbox, in a few lines. A concurrent copy
-    // waits on the id row's lock and then finds it committed (duplicate) or rolled back (runs).
-    applyOnce: (consumer, messageId, sql, params) =>
-      transaction(async (tx) => {
-        if ((await tx.run(markProcessed, [consumer, messageId, Date.now()])) !== 1) return false;
-        await tx.run(sql, params);
-        return true;
-      }),
-    close: () => pool.end(),
+    // The generic inbox over mysqlStore: the same mechanism as postgresInbox and sqliteInbox.
+    async applyOnce(consumer, messageId, sql, params) {
+      let once = inboxes.get(consumer);
+      if (once === undefined) {
+        once = inbox<MysqlQueryable>({ store: records, consumer });
+        inboxes.set(consumer, once);
+      }
+      const result = await once.handle(messageId, (connection) => connection.query(sql, [...params]));
+      return result.status === 'processed';
+    },
+    async close() {
+      for (const each of inboxes.values()) await each.close();
+      await records.close?.();
+      await pool.end();
+    },
   };
 }
 
@@ -833,4 +841,6 @@ export function pause(ms: number, signal?: AbortSignal): Promise<void> {
 export async function dropTables(db: BusinessDb): Promise<void> {
   if (db.prefix === '') throw new Error('dropTables: only a prefixed set of tables (a test run) may be dropped');
   for (const table of Object.values(db.tables)) await db.run(`DROP TABLE IF EXISTS ${table}`);
+  // The ledger inbox's records table has a sessions table beside it.
+  await db.run(`DROP TABLE IF EXISTS ${db.tables.ledgerRecords}_sessions`);
 }

@@ -1,4 +1,4 @@
-import { type Begun, type Claim, type Engine, engineFrom, type Performed, type StepContext } from '../engine/engine.js';
+import { type Begun, type Claim, type Engine, engineFrom, type Performed, type StepContext, type WaitOptions } from '../engine/engine.js';
 import { type RecordIdSecret, recordIdFor } from '../engine/fingerprint.js';
 import { type Disposable, TypedEmitter } from '../engine/events.js';
 import type { IdempotencyStore } from '../engine/store.js';
@@ -211,6 +211,14 @@ export interface BatchItem<M> {
 export interface HandleOptions {
   /** The broker's "still working" signal (JetStream `working()`, a Kafka heartbeat…), called periodically while the handler runs. */
   working?: () => unknown;
+  /**
+   * Wait for a copy that is in flight elsewhere to settle, then answer its
+   * verdict (`duplicate`, or run if it was released), instead of answering
+   * `in_flight` at once. Default `false`: adapters leave such a copy to the
+   * broker's redelivery rather than hold a delivery slot. The inbox
+   * (`oncely/consumer/inbox`), called directly, waits.
+   */
+  wait?: WaitOptions | false;
 }
 
 /**
@@ -221,7 +229,7 @@ export interface HandleOptions {
  * await consumer.handleBatch(items, { stopAtFirstBreak: true, working: () => heartbeat() });
  * ```
  */
-export interface BatchOptions extends HandleOptions {
+export interface BatchOptions extends Omit<HandleOptions, 'wait'> {
   /**
    * Stop at the first message that is not handled (in flight, failed, store
    * error, fenced): later messages are not run (verdict `skipped`, their
@@ -345,8 +353,8 @@ export class IdempotentConsumer<M> {
    */
   async handle(message: M, messageId: string, options: HandleOptions = {}): Promise<ConsumerVerdict> {
     const rid = this.recordIdOf(messageId);
-    // Never wait for an in-flight copy: the broker redelivers it, and a wait would hold a delivery slot.
-    const begun = await this.engine.begin({ id: rid, fingerprint: null, wait: false });
+    // By default never wait for an in-flight copy: the broker redelivers it, and a wait would hold a delivery slot.
+    const begun = await this.engine.begin({ id: rid, fingerprint: null, wait: options.wait ?? false });
     if (begun.kind !== 'run') return this.#notRun(messageId, rid, begun);
     return this.#perform(message, messageId, rid, begun.claim, options.working).verdict;
   }

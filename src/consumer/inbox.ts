@@ -1,20 +1,23 @@
 /**
- * `oncely/consumer/inbox`: the transactional inbox. The processed message id
- * and the handler's own writes commit in one database transaction, so the
- * effect on that database is exactly once: a crash at any point leaves both
- * or neither, and a redelivered message finds its id and is skipped.
+ * `oncely/consumer/inbox`: the transactional inbox, built on transactional
+ * mode. A message id is an idempotency record (the same record an
+ * {@link IdempotentConsumer} of the same name keeps), and the handler's own
+ * writes commit in one database transaction with that record's completion.
+ * A crash at any point leaves both or neither; a redelivered message finds
+ * its record completed and is skipped. The effect on that database is
+ * exactly once.
  *
- * - Postgres (`pg` Pool): `BEGIN`; `INSERT INTO <table>(consumer, message_id)
- *   … ON CONFLICT DO NOTHING`; if the row was inserted, the handler runs with
- *   the open transaction's client; `COMMIT`. A concurrent copy waits on the
- *   row lock and then finds it committed (duplicate) or rolled back (runs).
- * - SQLite (better-sqlite3): the same in one synchronous `BEGIN IMMEDIATE`
- *   transaction; the handler receives the `Database` inside it and MUST be
- *   synchronous (better-sqlite3 transactions cannot span an `await`; a
- *   returned Promise is refused and rolled back).
+ * There is one mechanism, not two: `inbox.handle(id, fn)` is what an
+ * idempotent consumer in transactional mode does for one message
+ * (`await context.transaction()` in its handler), usable without a broker
+ * adapter, and waiting for a copy that is in flight elsewhere.
  *
- * Effects outside the database (emails, HTTP calls) are not covered: use the
- * idempotent consumer (`oncely/consumer`) with an idempotency key downstream.
+ * - {@link postgresInbox}: a `pg` Pool; the handler gets a client inside `BEGIN`.
+ * - {@link sqliteInbox}: a better-sqlite3 `Database`; the handler gets it inside `BEGIN IMMEDIATE`.
+ * - {@link inbox}: any store with transactional mode (`mysqlStore` too), or an engine over one.
+ *
+ * Effects outside the database (emails, HTTP calls) are not covered: send
+ * them with an idempotency key of their own (`context.step()` derives one).
  *
  * @example
  * ```ts
@@ -23,12 +26,23 @@
  *
  * const inbox = postgresInbox({ pool: new pg.Pool(), consumer: 'ledger' });
  * await inbox.migrate();
- * await inbox.handle(event.id, (client) => client.query('INSERT INTO entries … VALUES ($1)', [event.amount]));
+ * await inbox.handle(event.id, (client) => client.query('INSERT INTO entries (amount) VALUES ($1)', [event.amount]));
  * ```
  * @module
  */
-import { isThenable } from '../engine/thenable.js';
-import { ConfigError, RolledBackError } from '../errors/index.js';
+import type { Engine, StepContext, WaitOptions } from '../engine/engine.js';
+import type { RecordIdSecret } from '../engine/fingerprint.js';
+import type { IdempotencyStore } from '../engine/store.js';
+import { ConfigError, LeaseLostError, StoreUnavailableError } from '../errors/index.js';
+import {
+  migratePostgres,
+  type PgQueryable,
+  type PgTransactionPool,
+  type PostgresStore,
+  postgresStore,
+} from '../stores/postgres.js';
+import { type SqliteDatabase, type SqliteStore, sqliteStore } from '../stores/sqlite.js';
+import { IdempotentConsumer } from './core.js';
 
 /**
  * The answer of an inbox: the handler ran and committed, or the id was already processed.
@@ -41,23 +55,211 @@ import { ConfigError, RolledBackError } from '../errors/index.js';
  */
 export type InboxResult<T> = { status: 'processed'; result: T } | { status: 'duplicate' };
 
-const IDENTIFIER = /^[A-Za-z_][A-Za-z0-9_]{0,62}$/;
-
-function tableName(table: string | undefined): string {
-  const name = table ?? 'oncely_inbox';
-  if (!IDENTIFIER.test(name)) throw new ConfigError(`Inbox table name ${JSON.stringify(name)} must be letters, digits and underscores.`);
-  return name;
+/**
+ * What an inbox handler receives beside the transaction's handle.
+ *
+ * @example
+ * ```ts
+ * await inbox.handle(id, async (client, { takeover }) => { if (takeover) log('resuming after a crash'); });
+ * ```
+ */
+export interface InboxContext {
+  /** The message id. */
+  id: string;
+  /** The record id in the store. */
+  recordId: string;
+  /** Aborts when the lease is lost (another process took the message over): its writes will not commit. */
+  signal: AbortSignal;
+  /** True when an earlier attempt crashed or stalled holding this id and this run took it over. */
+  takeover: boolean;
+  /** A recovery point for an effect outside the database, with a key of its own (see `Claim.step`). */
+  step<T>(name: string, fn: (step: StepContext) => T | Promise<T>): Promise<T>;
 }
-
-function checkArgs(consumer: string, messageId: string): void {
-  if (typeof consumer !== 'string' || consumer.length === 0) throw new ConfigError('An inbox needs a consumer name.');
-  if (typeof messageId !== 'string' || messageId.length === 0) throw new ConfigError('An inbox message id must be a non-empty string.');
-}
-
-// ─── Postgres ────────────────────────────────────────────────────────────────
 
 /**
- * The part of a `pg` client (from `pool.connect()`) the inbox uses.
+ * An inbox handler: its writes through `tx` commit with the message's record.
+ *
+ * @example
+ * ```ts
+ * const apply: InboxHandler<pg.PoolClient, void> = async (client) => { await client.query('…'); };
+ * ```
+ */
+export type InboxHandler<C, T> = (tx: C, context: InboxContext) => T | Promise<T>;
+
+/**
+ * Options of {@link inbox}.
+ *
+ * @example
+ * ```ts
+ * const options: InboxOptions = { store: mysqlStore({ pool }), consumer: 'ledger' };
+ * ```
+ */
+export interface InboxOptions<C = unknown> {
+  /** Consumer name: ids are unique per (consumer, message id), shared with an `IdempotentConsumer` of that name. */
+  consumer: string;
+  /** A store with transactional mode (`postgresStore`, `mysqlStore`, `sqliteStore`). Give this or `engine`. */
+  store?: IdempotencyStore;
+  /** An engine over such a store (shares its process session and settings). Give this or `store`. */
+  engine?: Engine;
+  /** How long a processed id is remembered, ms. Keep it above the broker's redelivery horizon. Default 7 days. */
+  ttlMs?: number;
+  /** Lease of a message being handled, ms (renewed while it runs). Default 30 000. */
+  leaseMs?: number;
+  /** Longest wait for one store operation, ms. Default 2 000. */
+  storeTimeoutMs?: number;
+  /** Keyed record ids (an HMAC under this secret), as the consumer of the same name uses. */
+  secret?: RecordIdSecret;
+  /**
+   * How long `handle` waits for a copy of the same id that is running
+   * elsewhere to settle (then it answers `duplicate`, or runs if that copy
+   * failed). Past it, `handle` rejects with an `InFlightError`: leave the
+   * message to the broker's redelivery. `false`: reject at once. Default
+   * `{ timeoutMs: 5_000 }`.
+   */
+  wait?: WaitOptions | false;
+  /**
+   * Ids processed by an older inbox (a table of its own, before this
+   * mechanism), asked inside the transaction before the handler: `true`
+   * answers `duplicate` without running it (and records the id here).
+   * {@link postgresInbox} and {@link sqliteInbox} build it from `legacyTable`.
+   */
+  processedBefore?: (tx: C, messageId: string) => boolean | Promise<boolean>;
+}
+
+/**
+ * A transactional inbox.
+ *
+ * @example
+ * ```ts
+ * const result = await inbox.handle(event.id, (tx) => apply(tx, event));
+ * ```
+ */
+export interface Inbox<C = unknown> {
+  /** The idempotent consumer that keeps the records (its name is the inbox's consumer). */
+  readonly consumer: IdempotentConsumer<Job<C>>;
+  /**
+   * Run `handler` once for `messageId`, in one transaction with the id's
+   * record. Answers `duplicate` when the id was processed before (here or by
+   * the consumer of the same name). Rejects, with nothing written, when the
+   * handler throws (its error), when the transaction did not commit
+   * (`RolledBackError`), when the lease was lost to another process
+   * (`LeaseLostError`), when a copy stayed in flight past `wait`
+   * (`InFlightError`) and when the store is down (`StoreUnavailableError`).
+   */
+  handle<T>(messageId: string, handler: InboxHandler<C, T>): Promise<InboxResult<T>>;
+  /** Stop: the engine's process session ends when the inbox made the engine. Never closes your pool or database. */
+  close(): Promise<void>;
+}
+
+/** One `handle` call, carried through the consumer as its message. @internal */
+export interface Job<C> {
+  run(tx: C, context: InboxContext): unknown;
+  result?: unknown;
+  before?: boolean;
+}
+
+const SEVEN_DAYS_MS = 7 * 24 * 60 * 60 * 1000;
+const IDENTIFIER = /^[A-Za-z_][A-Za-z0-9_]{0,62}$/;
+
+function legacyTableName(table: string): string {
+  if (!IDENTIFIER.test(table)) throw new ConfigError(`Inbox legacyTable ${JSON.stringify(table)} must be letters, digits and underscores.`);
+  return table;
+}
+
+function refuseOldTable(options: object): void {
+  if ('table' in options && (options as { table?: unknown }).table !== undefined) {
+    throw new ConfigError(
+      'The inbox no longer has a table of its own: processed ids are idempotency records in the store\'s table ' +
+        '(`recordsTable`, default oncely_records). To keep honouring the ids an older inbox table holds, pass it as `legacyTable`.',
+    );
+  }
+}
+
+/**
+ * A transactional inbox over any store with transactional mode.
+ *
+ * @example
+ * ```ts
+ * import mysql from 'mysql2/promise';
+ * import { inbox } from 'oncely/consumer/inbox';
+ * import { migrateMysql, mysqlStore } from 'oncely/stores/mysql';
+ *
+ * const pool = mysql.createPool({ uri: process.env.MYSQL_URL });
+ * await migrateMysql(pool);
+ * const ledger = inbox<mysql.PoolConnection>({ store: mysqlStore({ pool }), consumer: 'ledger' });
+ * await ledger.handle(event.id, (db) => db.execute('INSERT INTO entries (amount) VALUES (?)', [event.amount]));
+ * ```
+ */
+export function inbox<C = unknown>(options: InboxOptions<C>): Inbox<C> {
+  const { consumer: name, processedBefore } = options;
+  if (typeof name !== 'string' || name.length === 0) throw new ConfigError('An inbox needs a consumer name.');
+  const store = options.engine?.store ?? options.store;
+  if (store !== undefined && store.transactions === undefined) {
+    throw new ConfigError('An inbox needs a store with transactional mode: postgresStore (with a Pool), mysqlStore or sqliteStore.');
+  }
+  const ownEngine = options.engine === undefined;
+  const consumer = new IdempotentConsumer<Job<C>>({
+    name,
+    ...(options.engine === undefined
+      ? {
+          store: options.store,
+          ttlMs: options.ttlMs ?? SEVEN_DAYS_MS,
+          ...(options.leaseMs === undefined ? {} : { leaseMs: options.leaseMs }),
+          ...(options.storeTimeoutMs === undefined ? {} : { storeTimeoutMs: options.storeTimeoutMs }),
+        }
+      : { engine: options.engine }),
+    ...(options.secret === undefined ? {} : { secret: options.secret }),
+    handler: async (context) => {
+      const job = context.message;
+      const tx = await context.transaction<C>();
+      if (processedBefore !== undefined && (await processedBefore(tx, context.id))) {
+        job.before = true;
+        return;
+      }
+      job.result = await job.run(tx, {
+        id: context.id,
+        recordId: context.recordId,
+        signal: context.signal,
+        takeover: context.takeover,
+        step: context.step,
+      });
+    },
+  });
+  const wait = options.wait ?? { timeoutMs: 5_000 };
+  return {
+    consumer,
+    async handle<T>(messageId: string, handler: InboxHandler<C, T>): Promise<InboxResult<T>> {
+      if (typeof messageId !== 'string' || messageId.length === 0) throw new ConfigError('An inbox message id must be a non-empty string.');
+      if (typeof handler !== 'function') throw new ConfigError('An inbox needs a handler function.');
+      const job: Job<C> = { run: handler };
+      const verdict = await consumer.handle(job, messageId, { wait });
+      switch (verdict.action) {
+        case 'processed':
+          return job.before ? { status: 'duplicate' } : { status: 'processed', result: job.result as T };
+        case 'duplicate':
+          return { status: 'duplicate' };
+        case 'fenced':
+          throw new LeaseLostError(
+            `The lease on message ${JSON.stringify(messageId)} was lost to another process while its handler ran; its transaction was rolled back.`,
+          );
+        case 'store_error':
+          throw verdict.error ?? new StoreUnavailableError();
+        default:
+          // failed (the handler's error, or a RolledBackError), in_flight (an InFlightError).
+          throw verdict.error;
+      }
+    },
+    async close() {
+      consumer.close();
+      if (ownEngine) await consumer.engine.close();
+    },
+  };
+}
+
+// ─── PostgreSQL ──────────────────────────────────────────────────────────────
+
+/**
+ * The transaction's `pg` client as an inbox handler sees it (a `pg.PoolClient`).
  *
  * @example
  * ```ts
@@ -65,22 +267,7 @@ function checkArgs(consumer: string, messageId: string): void {
  * ```
  */
 export interface PgInboxClient {
-  /** `command` is the statement's tag: a `COMMIT` of an aborted transaction answers `'ROLLBACK'`. */
-  query(text: string, values?: unknown[]): Promise<{ rowCount: number | null; command: string }>;
-  release(error?: Error | boolean): void;
-}
-
-/**
- * The part of a `pg` Pool the inbox uses.
- *
- * @example
- * ```ts
- * import pg from 'pg';
- * const pool: PgInboxPool = new pg.Pool({ connectionString: process.env.DATABASE_URL });
- * ```
- */
-export interface PgInboxPool {
-  connect(): Promise<PgInboxClient>;
+  query(text: string, values?: unknown[]): Promise<{ rowCount: number | null; rows: unknown[] }>;
 }
 
 /**
@@ -88,175 +275,82 @@ export interface PgInboxPool {
  *
  * @example
  * ```ts
- * const options: PostgresInboxOptions = { pool, consumer: 'ledger', table: 'ledger_inbox' };
+ * const options: PostgresInboxOptions = { pool, consumer: 'ledger', legacyTable: 'oncely_inbox' };
  * ```
  */
-export interface PostgresInboxOptions {
-  /** The user's `pg` Pool; never closed by the inbox. */
-  pool: PgInboxPool;
-  /** Consumer name: ids are unique per (consumer, message id). */
-  consumer: string;
-  /** Table name. Default `oncely_inbox`. */
-  table?: string;
+export interface PostgresInboxOptions extends Omit<InboxOptions<PgInboxClient>, 'store' | 'engine' | 'processedBefore'> {
+  /** The user's `pg` Pool: the records, and each message's transaction (unless `transactionPool`). Never ended by the inbox. */
+  pool: PgQueryable & PgTransactionPool;
+  /** Where each message's transaction takes its client (see `postgresStore`). Default `pool`. */
+  transactionPool?: PgTransactionPool;
+  /** Schema of the records table. Default: the connection's `search_path`. */
+  schema?: string;
+  /** The records table (shared with any `postgresStore` on it). Default `oncely_records`. */
+  recordsTable?: string;
+  /** The table of an older inbox (`consumer`, `message_id`), read, never written: its ids count as processed. */
+  legacyTable?: string;
 }
 
 /**
- * A Postgres transactional inbox.
+ * A PostgreSQL transactional inbox.
  *
  * @example
  * ```ts
- * const inbox: PostgresInbox = postgresInbox({ pool, consumer: 'ledger' });
- * await inbox.migrate();
+ * const ledger: PostgresInbox = postgresInbox({ pool, consumer: 'ledger' });
+ * await ledger.migrate();
  * ```
  */
-export interface PostgresInbox {
-  /** The table it uses. */
-  readonly table: string;
-  /** Create the table when missing. */
+export interface PostgresInbox extends Inbox<PgInboxClient> {
+  /** The store the records live in. */
+  readonly store: PostgresStore;
+  /** Create the records table (and its sessions table) when missing. */
   migrate(): Promise<void>;
-  /**
-   * Run `handler` in a transaction with the processed-id row, unless the id
-   * was processed before. A thrown error rolls both back and is re-thrown.
-   * A transaction that COMMIT rolled back (a statement failed inside the
-   * handler, even one the handler caught) rejects too: nothing was stored.
-   */
-  handle<T>(messageId: string, handler: (client: PgInboxClient) => Promise<T> | T): Promise<InboxResult<T>>;
-  /** Delete ids processed more than `olderThanMs` ago (keep it above any redelivery horizon); answers how many. */
-  purge(olderThanMs: number): Promise<number>;
 }
 
 /**
- * The SQL that creates a Postgres inbox table (idempotent).
+ * A transactional inbox on PostgreSQL (`pg`): `BEGIN`, your writes through
+ * the client, the id's record completed, `COMMIT`.
  *
  * @example
  * ```ts
- * console.log(postgresInboxSchemaSql('oncely_inbox'));
- * ```
- */
-export function postgresInboxSchemaSql(table = 'oncely_inbox'): string {
-  const t = tableName(table);
-  return `CREATE TABLE IF NOT EXISTS ${t} (
-  consumer text NOT NULL,
-  message_id text NOT NULL,
-  processed_at timestamptz NOT NULL DEFAULT now(),
-  PRIMARY KEY (consumer, message_id)
-);
-CREATE INDEX IF NOT EXISTS ${t}_processed_at ON ${t} (processed_at);`;
-}
-
-function rolledBack(messageId: string): RolledBackError {
-  return new RolledBackError(
-    `oncely inbox: the transaction of message ${JSON.stringify(messageId)} was rolled back at COMMIT: a statement failed ` +
-      'inside the handler and left the transaction aborted (in PostgreSQL a caught error does not undo that). Neither the ' +
-      "handler's writes nor the message id were stored; the message will run again. To tolerate a failing statement, " +
-      'run it in a SAVEPOINT, or avoid the error (INSERT … ON CONFLICT DO NOTHING).',
-  );
-}
-
-/**
- * A transactional inbox on Postgres.
+ * import pg from 'pg';
+ * import { postgresInbox } from 'oncely/consumer/inbox';
  *
- * @example
- * ```ts
- * const inbox = postgresInbox({ pool, consumer: 'ledger' });
- * const result = await inbox.handle(msg.id, async (client) => {
- *   await client.query('UPDATE accounts SET balance = balance + $1 WHERE id = $2', [amount, account]);
+ * const pool = new pg.Pool({ connectionString: process.env.DATABASE_URL });
+ * const ledger = postgresInbox({ pool, consumer: 'ledger' });
+ * await ledger.migrate();
+ * const result = await ledger.handle(event.id, async (client) => {
+ *   await client.query('UPDATE accounts SET balance = balance + $1 WHERE id = $2', [event.amount, event.account]);
  * });
  * if (result.status === 'duplicate') console.log('already applied');
  * ```
  */
 export function postgresInbox(options: PostgresInboxOptions): PostgresInbox {
-  const { pool, consumer } = options;
-  const table = tableName(options.table);
-  checkArgs(consumer, '-');
-  const insert = `INSERT INTO ${table} (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING`;
+  refuseOldTable(options);
+  const { pool, schema, recordsTable } = options;
+  const names = { ...(schema === undefined ? {} : { schema }), ...(recordsTable === undefined ? {} : { table: recordsTable }) };
+  const store = postgresStore({ pool, transactionPool: options.transactionPool ?? pool, ...names });
+  const legacy = options.legacyTable === undefined ? undefined : legacyTableName(options.legacyTable);
+  const select = legacy === undefined ? '' : `SELECT 1 FROM ${legacy} WHERE consumer = $1 AND message_id = $2`;
+  const base = inbox<PgInboxClient>({
+    ...options,
+    store,
+    ...(legacy === undefined
+      ? {}
+      : { processedBefore: async (client, id) => ((await client.query(select, [options.consumer, id])).rowCount ?? 0) > 0 }),
+  });
   return {
-    table,
-    async migrate() {
-      const client = await pool.connect();
-      try {
-        await client.query(postgresInboxSchemaSql(table));
-      } finally {
-        client.release();
-      }
-    },
-    async handle<T>(messageId: string, handler: (client: PgInboxClient) => Promise<T> | T): Promise<InboxResult<T>> {
-      checkArgs(consumer, messageId);
-      const client = await pool.connect();
-      let broken: Error | undefined;
-      try {
-        await client.query('BEGIN');
-        try {
-          const inserted = await client.query(insert, [consumer, messageId]);
-          if (inserted.rowCount !== 1) {
-            await client.query('ROLLBACK');
-            return { status: 'duplicate' };
-          }
-          const result = await handler(client);
-          const committed = await client.query('COMMIT');
-          // A statement that failed inside the handler (even one the handler caught) aborts the
-          // transaction; COMMIT then rolls it back without an error. Nothing was written.
-          if (committed.command === 'ROLLBACK') throw rolledBack(messageId);
-          return { status: 'processed', result };
-        } catch (error) {
-          try {
-            // Harmless after a COMMIT that rolled back (a warning, no error).
-            await client.query('ROLLBACK');
-          } catch (rollbackError) {
-            // The connection is unusable: the pool must discard it.
-            broken = rollbackError instanceof Error ? rollbackError : new Error(String(rollbackError));
-          }
-          throw error;
-        }
-      } finally {
-        client.release(broken);
-      }
-    },
-    async purge(olderThanMs) {
-      const client = await pool.connect();
-      try {
-        const result = await client.query(
-          `DELETE FROM ${table} WHERE consumer = $1 AND processed_at < now() - make_interval(secs => $2::double precision / 1000)`,
-          [consumer, olderThanMs],
-        );
-        return result.rowCount ?? 0;
-      } finally {
-        client.release();
-      }
+    ...base,
+    store,
+    migrate: () => migratePostgres(pool, names),
+    async close() {
+      await base.close();
+      await store.close?.();
     },
   };
 }
 
 // ─── SQLite ──────────────────────────────────────────────────────────────────
-
-/**
- * A better-sqlite3 transaction function (only what the inbox calls).
- *
- * @example
- * ```ts
- * const run: SqliteInboxTransaction<number> = db.transaction(() => 1);
- * run.immediate();
- * ```
- */
-export interface SqliteInboxTransaction<T> {
-  (): T;
-  immediate(): T;
-}
-
-/**
- * The part of a better-sqlite3 `Database` the inbox uses.
- *
- * @example
- * ```ts
- * import Database from 'better-sqlite3';
- * const db: SqliteInboxDatabase = new Database('app.db');
- * ```
- */
-export interface SqliteInboxDatabase {
-  prepare(source: string): { run(...params: unknown[]): { changes: number } };
-  exec(source: string): unknown;
-  transaction<F extends (...args: never[]) => unknown>(fn: F): SqliteInboxTransaction<ReturnType<F>>;
-}
 
 /**
  * Options of {@link sqliteInbox}.
@@ -266,15 +360,16 @@ export interface SqliteInboxDatabase {
  * const options: SqliteInboxOptions = { database: db, consumer: 'ledger' };
  * ```
  */
-export interface SqliteInboxOptions<D extends SqliteInboxDatabase = SqliteInboxDatabase> {
+export interface SqliteInboxOptions<D extends SqliteDatabase = SqliteDatabase>
+  extends Omit<InboxOptions<D>, 'store' | 'engine' | 'processedBefore'> {
   /** The user's better-sqlite3 `Database`; never closed by the inbox. */
   database: D;
-  /** Consumer name: ids are unique per (consumer, message id). */
-  consumer: string;
-  /** Table name. Default `oncely_inbox`. */
-  table?: string;
-  /** Create the table when missing. Default true. */
+  /** The records table (shared with any `sqliteStore` on it). Default `oncely_records`. */
+  recordsTable?: string;
+  /** Create the records table when missing. Default true. */
   migrate?: boolean;
+  /** The table of an older inbox (`consumer`, `message_id`), read, never written: its ids count as processed. */
+  legacyTable?: string;
 }
 
 /**
@@ -282,78 +377,51 @@ export interface SqliteInboxOptions<D extends SqliteInboxDatabase = SqliteInboxD
  *
  * @example
  * ```ts
- * const inbox: SqliteInbox = sqliteInbox({ database: db, consumer: 'ledger' });
- * inbox.handle(id, (db) => db.prepare('INSERT INTO entries (id) VALUES (?)').run(id));
+ * const ledger: SqliteInbox = sqliteInbox({ database: db, consumer: 'ledger' });
  * ```
  */
-export interface SqliteInbox<D extends SqliteInboxDatabase = SqliteInboxDatabase> {
-  /** The table it uses. */
-  readonly table: string;
-  /**
-   * Run `handler` synchronously in one `BEGIN IMMEDIATE` transaction with the
-   * processed-id row, unless the id was processed before. The handler must be
-   * synchronous; a thrown error rolls both back and is re-thrown.
-   */
-  handle<T>(messageId: string, handler: (database: D) => T): InboxResult<T>;
-  /** Delete ids processed more than `olderThanMs` ago; answers how many. */
-  purge(olderThanMs: number): number;
+export interface SqliteInbox<D extends SqliteDatabase = SqliteDatabase> extends Inbox<D> {
+  /** The store the records live in. */
+  readonly store: SqliteStore;
 }
 
 /**
- * The SQL that creates a SQLite inbox table (idempotent).
- *
- * @example
- * ```ts
- * db.exec(sqliteInboxSchemaSql());
- * ```
- */
-export function sqliteInboxSchemaSql(table = 'oncely_inbox'): string {
-  const t = tableName(table);
-  return `CREATE TABLE IF NOT EXISTS ${t} (
-  consumer TEXT NOT NULL,
-  message_id TEXT NOT NULL,
-  processed_at INTEGER NOT NULL,
-  PRIMARY KEY (consumer, message_id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS ${t}_processed_at ON ${t} (processed_at);`;
-}
-
-/**
- * A transactional inbox on SQLite (better-sqlite3). The handler is synchronous.
+ * A transactional inbox on SQLite (better-sqlite3): the handler gets your
+ * `Database` inside `BEGIN IMMEDIATE`; its statements are synchronous calls,
+ * and it may `await` between them (other transactions of this `Database`
+ * wait for this one to commit).
  *
  * @example
  * ```ts
  * import Database from 'better-sqlite3';
+ * import { sqliteInbox } from 'oncely/consumer/inbox';
+ *
  * const db = new Database('app.db');
- * const inbox = sqliteInbox({ database: db, consumer: 'ledger' });
- * inbox.handle(event.id, (db) => db.prepare('INSERT INTO entries (payment, amount) VALUES (?, ?)').run(event.payment, event.amount));
+ * const ledger = sqliteInbox({ database: db, consumer: 'ledger' });
+ * await ledger.handle(event.id, (db) => db.prepare('INSERT INTO entries (payment, amount) VALUES (?, ?)').run(event.payment, event.amount));
  * ```
  */
-export function sqliteInbox<D extends SqliteInboxDatabase>(options: SqliteInboxOptions<D>): SqliteInbox<D> {
-  const { database, consumer } = options;
-  const table = tableName(options.table);
-  checkArgs(consumer, '-');
-  if (options.migrate !== false) database.exec(sqliteInboxSchemaSql(table));
-  const insert = database.prepare(`INSERT INTO ${table} (consumer, message_id, processed_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING`);
-  const purge = database.prepare(`DELETE FROM ${table} WHERE consumer = ? AND processed_at < ?`);
+export function sqliteInbox<D extends SqliteDatabase>(options: SqliteInboxOptions<D>): SqliteInbox<D> {
+  refuseOldTable(options);
+  const { database } = options;
+  const store = sqliteStore({
+    database,
+    ...(options.recordsTable === undefined ? {} : { table: options.recordsTable }),
+    ...(options.migrate === undefined ? {} : { migrate: options.migrate }),
+  });
+  const legacy = options.legacyTable === undefined ? undefined : legacyTableName(options.legacyTable);
+  const select = legacy === undefined ? undefined : database.prepare(`SELECT 1 AS found FROM ${legacy} WHERE consumer = ? AND message_id = ?`);
+  const base = inbox<D>({
+    ...options,
+    store,
+    ...(select === undefined ? {} : { processedBefore: (_db, id) => select.get(options.consumer, id) !== undefined }),
+  });
   return {
-    table,
-    handle<T>(messageId: string, handler: (database: D) => T): InboxResult<T> {
-      checkArgs(consumer, messageId);
-      const run = database.transaction((): InboxResult<T> => {
-        if (insert.run(consumer, messageId, Date.now()).changes !== 1) return { status: 'duplicate' };
-        const result = handler(database);
-        if (isThenable(result)) {
-          // The transaction would commit before the promise's writes: refuse, and roll back.
-          throw new ConfigError('A SQLite inbox handler must be synchronous (better-sqlite3 transactions cannot span an await).');
-        }
-        return { status: 'processed', result };
-      });
-      // IMMEDIATE takes the write lock first, so two processes never deadlock upgrading a read lock.
-      return run.immediate() as InboxResult<T>;
-    },
-    purge(olderThanMs) {
-      return purge.run(consumer, Date.now() - olderThanMs).changes;
+    ...base,
+    store,
+    async close() {
+      await base.close();
+      await store.close?.();
     },
   };
 }

@@ -4,8 +4,9 @@
  * then lets the adapter acknowledge. Adapters live beside it:
  * `oncely/consumer/amqp` (RabbitMQ, amqplib), `oncely/consumer/nats`
  * (JetStream), `oncely/consumer/redis-streams` (ioredis or node-redis),
- * `oncely/consumer/kafka` (KafkaJS-style API); the transactional inbox is
- * `oncely/consumer/inbox`. See docs/consumers.md.
+ * `oncely/consumer/kafka` (KafkaJS-style API); the transactional inbox,
+ * `oncely/consumer/inbox`, is transactional mode for one message (the same
+ * records a consumer of the same name keeps). See docs/consumers.md.
  *
  * @example
  * ```ts

@@ -267,6 +267,104 @@ function gateOf(db: SqliteDatabase): Gate {
 }
 
 /**
+ * Run `body` (a write) once no transaction of transactional mode is open on
+ * the gate's `Database`, and retry it without blocking the event loop while
+ * another connection holds the write lock, for at most `busyMs`.
+ */
+async function gatedWrite<T>(gate: Gate, busyMs: number, what: string, body: () => T): Promise<T> {
+  const deadline = Date.now() + busyMs;
+  let pause = 1;
+  for (;;) {
+    try {
+      return await gate.when(busyMs, what, body);
+    } catch (error) {
+      if (!isBusy(error)) throw error;
+      if (Date.now() + pause > deadline) {
+        throw new StoreUnavailableError(`SQLite: ${what} waited ${busyMs} ms (busyTimeoutMs) for another connection's write lock.`, {
+          cause: error,
+        });
+      }
+      await new Promise((resolve) => setTimeout(resolve, pause));
+      pause = Math.min(pause * 2, 25);
+    }
+  }
+}
+
+/**
+ * Options of {@link sqliteTransaction}.
+ *
+ * @example
+ * ```ts
+ * const options: SqliteTransactionOptions = { busyTimeoutMs: 2_000 };
+ * ```
+ */
+export interface SqliteTransactionOptions {
+  /** Longest wait for the turn and for another connection's write lock, ms. Default 5 000. */
+  busyTimeoutMs?: number;
+}
+
+/**
+ * Run your own transaction (`BEGIN IMMEDIATE` … `COMMIT`) on a `Database`
+ * that transactional mode also uses. A better-sqlite3 `Database` is one
+ * connection, so while a transaction is open every write through it belongs
+ * to that transaction: this one takes turns with oncely's transactions, and
+ * the store's own writes (claims, heartbeats, purges) wait for it, as they
+ * do for oncely's. `fn` may `await` between its statements. It commits when
+ * `fn` resolves and rolls back when it throws (the error is re-thrown).
+ *
+ * @throws {@link RolledBackError} when the transaction ended inside `fn` (a
+ * `RAISE(ROLLBACK)`, an `INSERT OR ROLLBACK`, or `fn` running COMMIT itself).
+ * @throws {@link StoreUnavailableError} when the turn or the write lock did not come within `busyTimeoutMs`.
+ *
+ * @example
+ * ```ts
+ * import { sqliteTransaction } from 'oncely/stores/sqlite';
+ *
+ * await sqliteTransaction(database, async (db) => {
+ *   db.prepare('UPDATE accounts SET balance = balance - ? WHERE id = ?').run(500, 'acct_1');
+ *   db.prepare('UPDATE accounts SET balance = balance + ? WHERE id = ?').run(500, 'acct_2');
+ * });
+ * ```
+ */
+export async function sqliteTransaction<D extends SqliteDatabase, T>(
+  database: D,
+  fn: (database: D) => T | Promise<T>,
+  options: SqliteTransactionOptions = {},
+): Promise<T> {
+  const busyMs = options.busyTimeoutMs ?? 5_000;
+  if (typeof busyMs !== 'number' || !Number.isFinite(busyMs) || busyMs < 0) {
+    throw new ConfigError(`busyTimeoutMs must be a finite number of ms, 0 or more (got ${String(busyMs)}).`);
+  }
+  const gate = gateOf(database);
+  // Take turns: the gate is taken in the same step that found it free.
+  await gatedWrite(gate, busyMs, 'opening a transaction', () => {
+    gate.take();
+    try {
+      database.exec('BEGIN IMMEDIATE');
+    } catch (error) {
+      gate.release();
+      throw error;
+    }
+  });
+  try {
+    const result = await fn(database);
+    if (!database.inTransaction) {
+      throw new RolledBackError(
+        'The transaction ended inside the function (an error rolled it back, or it ran COMMIT or ROLLBACK): ' +
+          'its later writes were not part of it.',
+      );
+    }
+    database.exec('COMMIT');
+    return result;
+  } catch (error) {
+    if (database.inTransaction) database.exec('ROLLBACK');
+    throw error;
+  } finally {
+    gate.release();
+  }
+}
+
+/**
  * The SQL that creates the store's table and index (idempotent). Shown in
  * the docs; {@link migrateSqlite} runs it.
  *
@@ -462,25 +560,7 @@ export function sqliteStore(options: SqliteStoreOptions): SqliteStore {
   // busy handler sleeps inside the call, so once set up the connection runs
   // with busy_timeout 0 (see `configure`) and a SQLITE_BUSY is waited out
   // here, asynchronously, up to busyTimeoutMs.
-  const write = async <T>(what: string, body: () => T): Promise<T> => {
-    const deadline = Date.now() + busyMs;
-    let pause = 1;
-    for (;;) {
-      try {
-        return await gate.when(busyMs, what, body);
-      } catch (error) {
-        if (!isBusy(error)) throw error;
-        if (Date.now() + pause > deadline) {
-          throw new StoreUnavailableError(
-            `SQLite: ${what} waited ${busyMs} ms (busyTimeoutMs) for another connection's write lock.`,
-            { cause: error },
-          );
-        }
-        await new Promise((resolve) => setTimeout(resolve, pause));
-        pause = Math.min(pause * 2, 25);
-      }
-    }
-  };
+  const write = <T>(what: string, body: () => T): Promise<T> => gatedWrite(gate, busyMs, what, body);
 
   const purge = (limit: number): number => {
     const at = now();

@@ -146,10 +146,13 @@ function pgShared() {
   shared.pg ??= (async () => {
     const s = suffix();
     const pool = new pg.Pool({ host: '127.0.0.1', user: 'postgres', database: 'test', max: 12 });
-    const tables = { effects: `oncely_matrix_effects_${s}`, inbox: `oncely_matrix_inbox_${s}`, uniques: `oncely_matrix_uniques_${s}` };
+    const tables = { effects: `oncely_matrix_effects_${s}`, inbox: `oncely_matrix_records_${s}`, uniques: `oncely_matrix_uniques_${s}` };
     await pool.query(`CREATE TABLE ${tables.effects} (message_id text NOT NULL)`);
     await pool.query(`CREATE TABLE ${tables.uniques} (id text PRIMARY KEY); INSERT INTO ${tables.uniques} (id) VALUES ('taken')`);
-    await postgresInbox({ pool, consumer: 'migrate', table: tables.inbox }).migrate();
+    // The inbox's records: an oncely records table (and its sessions table) of the matrix's own.
+    const migrating = postgresInbox({ pool, consumer: 'migrate', recordsTable: tables.inbox });
+    await migrating.migrate();
+    await migrating.close();
     return { pool, ...tables };
   })();
   return shared.pg;
@@ -162,7 +165,9 @@ export async function closeShared(): Promise<void> {
   shared.redis?.disconnect();
   if (shared.pg) {
     const { pool, effects, inbox, uniques } = await shared.pg;
-    await pool.query(`DROP TABLE IF EXISTS ${effects}; DROP TABLE IF EXISTS ${inbox}; DROP TABLE IF EXISTS ${uniques}`);
+    await pool.query(
+      `DROP TABLE IF EXISTS ${effects}; DROP TABLE IF EXISTS ${inbox}; DROP TABLE IF EXISTS ${inbox}_sessions; DROP TABLE IF EXISTS ${uniques}`,
+    );
     await pool.end();
   }
 }
@@ -619,7 +624,7 @@ const postgresInboxRow: Row = {
   skip: inboxSkip,
   async start(setup) {
     const { pool, effects, inbox: table, uniques } = await pgShared();
-    const inbox = postgresInbox({ pool, consumer: setup.name, table });
+    const inbox = postgresInbox({ pool, consumer: setup.name, recordsTable: table });
     const inner = memoryStore();
     const consumer = new IdempotentConsumer<{ id: string }>({
       name: setup.name,
@@ -650,11 +655,16 @@ const postgresInboxRow: Row = {
     return {
       ...run,
       async committed(id) {
-        const [e, i] = await Promise.all([
+        const [e, record] = await Promise.all([
           count(`SELECT count(*) AS n FROM ${effects} WHERE message_id = $1`, [id]),
-          count(`SELECT count(*) AS n FROM ${table} WHERE consumer = $1 AND message_id = $2`, [setup.name, id]),
+          inbox.store.get(inbox.consumer.recordIdOf(id)),
         ]);
-        return { effects: e, inbox: i };
+        return { effects: e, inbox: record?.state === 'completed' ? 1 : 0 };
+      },
+      async close() {
+        const left = await run.close();
+        await inbox.close();
+        return left;
       },
     };
   },
@@ -668,7 +678,10 @@ const sqliteInboxRow: Row = {
     // One database for the business tables, the inbox, and the consumer's own records (sqliteStore).
     const db = new Database(':memory:');
     db.exec(`CREATE TABLE effects (message_id TEXT NOT NULL); CREATE TABLE uniques (id TEXT PRIMARY KEY); INSERT INTO uniques (id) VALUES ('taken')`);
-    const inbox = sqliteInbox({ database: db, consumer: setup.name });
+    // Another name than the consumer's: both keep their records in the same table of this database, and an
+    // inbox of the consumer's own name would find the consumer's claim on the message (use
+    // `context.transaction()` in the handler for that: the same mechanism without the nesting).
+    const inbox = sqliteInbox({ database: db, consumer: `${setup.name}-inbox` });
     const inner = sqliteStore({ database: db });
     const consumer = new IdempotentConsumer<{ id: string }>({
       name: setup.name,
@@ -677,9 +690,9 @@ const sqliteInboxRow: Row = {
       storeTimeoutMs: setup.storeTimeoutMs,
       handler: async ({ id }) => {
         const fault = setup.run(id);
-        // better-sqlite3 transactions cannot span an await: the slow part comes before the transaction.
+        // The slow part comes before the transaction: an open one holds the file's write lock.
         if (fault === 'slow') await sleep(Math.round(setup.leaseMs * 0.8));
-        inbox.handle(id, (database) => {
+        await inbox.handle(id, (database) => {
           if (fault === 'throw-before') throw new Error('failed before the effect');
           database.prepare('INSERT INTO effects (message_id) VALUES (?)').run(id);
           if (fault === 'rollback') {
@@ -702,13 +715,14 @@ const sqliteInboxRow: Row = {
       async committed(id) {
         return {
           effects: count('SELECT count(*) AS n FROM effects WHERE message_id = ?', id),
-          inbox: count(`SELECT count(*) AS n FROM ${inbox.table} WHERE consumer = ? AND message_id = ?`, setup.name, id),
+          inbox: (await inbox.store.get(inbox.consumer.recordIdOf(id)))?.state === 'completed' ? 1 : 0,
         };
       },
       async close() {
-        await run.close();
+        const left = await run.close();
+        await inbox.close();
         db.close();
-        return undefined;
+        return left;
       },
     };
   },
