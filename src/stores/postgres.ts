@@ -351,12 +351,18 @@ export function postgresStore(options: PostgresStoreOptions): PostgresStore {
    * claimer's session, `$7` the session to take over from: only while that
    * session is not alive, checked here too, so that a session that came
    * back after the caller looked keeps its claims.
+   *
+   * A record the snapshot shows completed and live is never inserted: ON
+   * CONFLICT DO UPDATE locks the conflicting row even when its WHERE is
+   * false, so a replay would otherwise be a row lock (a write, and a wait
+   * behind any transaction holding the row) instead of a plain read.
    */
   const claimStatement = (source: string, ids: string, token: string, idList: string): string => `WITH n AS ${NOW_FROM},
 ins AS (
   INSERT INTO ${t} AS r (id, state, token, fingerprint, lease_until, expires_at, takeover, outcome, owner)
   SELECT ${ids}, ${IN_PROGRESS}, ${token}, $3, n.ms + $4::bigint, n.ms + greatest($4::bigint, $5::bigint), false, NULL, $6::text
     FROM ${source}
+   WHERE NOT EXISTS (SELECT 1 FROM ${t} d WHERE d.id = ${ids} AND d.state = ${COMPLETED} AND d.expires_at > n.ms)
   ON CONFLICT (id) DO UPDATE SET
     state = ${IN_PROGRESS},
     token = EXCLUDED.token,
@@ -381,7 +387,7 @@ UNION ALL
 SELECT false, c.id, false, c.lease_until, c.state, c.fingerprint, c.expires_at, c.outcome, c.owner, n.ms
   FROM ${t} c, n
  WHERE c.id ${idList} AND c.expires_at > n.ms AND c.id NOT IN (SELECT id FROM ins)`;
-  const claimSql = claimStatement('n', '$1', '$2', '= $1');
+  const claimSql = claimStatement('n', '$1::text', '$2', '= $1::text');
   // Rows are inserted in id order, so that two batches sharing ids lock them
   // in the same order and cannot deadlock each other.
   const claimManySql = claimStatement(

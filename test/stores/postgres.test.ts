@@ -147,6 +147,30 @@ describe('postgres store', () => {
     expect(pool.count).toBe(8);
   });
 
+  it('answers a replay with a plain read: it neither waits for a row lock held on the record nor takes one', async () => {
+    const store = postgresStore({ pool: newPool(), table, purge: false });
+    const id = newId();
+    const claim = await store.claim(id, LONG);
+    if (claim.status !== 'acquired') throw new Error('expected acquired');
+    expect(await store.complete(id, claim.token, 'done', 60_000)).toBe(true);
+    // Another transaction holds the completed row locked (a purge, an operator's UPDATE, a long report).
+    const holder = await admin.connect();
+    try {
+      await holder.query('BEGIN');
+      await holder.query(`SELECT 1 FROM "${table}" WHERE id = $1 FOR UPDATE`, [id]);
+      // An INSERT … ON CONFLICT DO UPDATE would lock the row, and so wait here until the holder ends.
+      const replay = store.claim(id, LONG);
+      const answered = await Promise.race([replay.then(() => 'answered'), sleep(1_000).then(() => 'waited')]);
+      expect(answered).toBe('answered');
+      expect(await replay).toMatchObject({ status: 'completed', record: { outcome: 'done' } });
+      // And the replays of a batch too.
+      expect(await store.claimMany!([id], LONG)).toMatchObject([{ status: 'completed' }]);
+    } finally {
+      await holder.query('ROLLBACK');
+      holder.release();
+    }
+  });
+
   it('reads deadlines from the server clock', async () => {
     const store = postgresStore({ pool: admin, table });
     const { rows } = await admin.query('SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ms');
