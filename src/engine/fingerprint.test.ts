@@ -37,10 +37,45 @@ describe('fingerprintV1', () => {
   });
 });
 
+/** 0…n-1 in a fixed scrambled order (a permutation: 7 is prime to every n used here). */
+const scrambled = (n: number): number[] => Array.from({ length: n }, (_, i) => (i * 7 + 3) % n);
+
 describe('sortedQuery', () => {
   it('sorts by name then value', () => {
     expect(sortedQuery('?b=2&a=2&a=1')).toBe('a=1&a=2&b=2');
     expect(sortedQuery('')).toBe('');
+    expect(sortedQuery('?')).toBe('');
+  });
+  it('orders many values of one name, whatever order they came in (both halves of the comparison count)', () => {
+    // Long enough that the engine's sort compares in both directions (short arrays only ask "greater?").
+    const values = scrambled(64).map((i) => `v${String(i).padStart(2, '0')}`);
+    const query = [...values.map((v) => `a=${v}`), 'b=1', ...values.map((v) => `c=${v}`)].join('&');
+    const sorted = [...values].sort();
+    expect(sortedQuery(query)).toBe([...sorted.map((v) => `a=${v}`), 'b=1', ...sorted.map((v) => `c=${v}`)].join('&'));
+    expect(sortedQuery([...values].reverse().map((v) => `a=${v}`).join('&'))).toBe(sorted.map((v) => `a=${v}`).join('&'));
+  });
+});
+
+describe('fingerprintV1 headers', () => {
+  it('does not depend on the order the chosen headers are listed in', () => {
+    const names = scrambled(48).map((i) => `x-h${String(i).padStart(2, '0')}`);
+    const headers = names.map((name, i) => [name, `value-${i % 5}`] as const);
+    const input = { method: 'POST', path: '/p' };
+    const a = fingerprintV1({ ...input, headers });
+    expect(fingerprintV1({ ...input, headers: [...headers].reverse() })).toBe(a);
+    expect(fingerprintV1({ ...input, headers: [...headers].sort((x, y) => (x[0] < y[0] ? -1 : 1)) })).toBe(a);
+    // The values are hashed with their names: swapping two values changes it.
+    const swapped = headers.map(([name, value], i) => [name, i === 0 ? headers[1]![1] : i === 1 ? headers[0]![1] : value] as const);
+    expect(fingerprintV1({ ...input, headers: swapped })).not.toBe(a);
+  });
+});
+
+describe('canonicalJson strings', () => {
+  it('escapes strings made only of characters that need it, as JSON does', () => {
+    for (const text of ['"', '\\', '\n', '\u0000', '\u001f', '\ud800', '"\\', '\udfff\ud800']) {
+      expect(canonicalJson(text)).toBe(JSON.stringify(text));
+      expect(canonicalJson({ [text]: text })).toBe(`{${JSON.stringify(text)}:${JSON.stringify(text)}}`);
+    }
   });
 });
 
