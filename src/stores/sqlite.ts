@@ -6,10 +6,15 @@
  *   `synchronous = NORMAL`) and sets a `busy_timeout`, so that readers never
  *   block the writer and processes wait for each other's write lock instead
  *   of failing.
- * - `claim` decides in one `BEGIN IMMEDIATE` transaction (the write lock is
+ * - `claim` decides in a `BEGIN IMMEDIATE` transaction (the write lock is
  *   taken before the record is read), so it is atomic across processes. A
  *   replay, or a duplicate while the lease is live, is answered by one plain
  *   read first, without the write lock (the answer holds at that read).
+ * - Group commit: the writes asked for in one turn of the event loop
+ *   (claims, renewals, completions, releases, deletes, session heartbeats)
+ *   run together at its end (`setImmediate`) in ONE `BEGIN IMMEDIATE …
+ *   COMMIT`, in the order asked, each with its own answer and fencing (see
+ *   the `Writer` below). Each operation reads the clock when it is asked.
  * - Deadlines are epoch ms from this process's clock (`Date.now()`): the
  *   processes sharing the file share one machine, hence one clock.
  * - SQLite has no TTL: expired records are absent to every operation and are
@@ -169,6 +174,14 @@ export interface SqliteStore extends IdempotencyStore {
   readonly transactions: StoreTransactions<SqliteDatabase>;
 }
 
+// `synchronous`: the engine calls the store without its storeTimeoutMs
+// timer. A write now answers at the end of the turn (`setImmediate`), which
+// comes before any timer the engine could have armed; only a wait for a
+// transaction of transactional mode or for another process's write lock
+// takes longer, and the store bounds every operation itself by
+// busyTimeoutMs, counted from when it was asked (then StoreUnavailableError).
+// An engine timer would answer 503 sooner but leave the operation queued
+// to land later (a claim nobody runs holds its key for a whole lease).
 const CAPABILITIES: StoreCapabilities = { nativeTtl: false, serverClock: false, shared: true, synchronous: true };
 const IDENTIFIER = /^[A-Za-z_][A-Za-z0-9_]{0,62}$/;
 const IN_PROGRESS = 0;
@@ -212,28 +225,14 @@ class Gate {
     return this.#held;
   }
 
-  /**
-   * Run `body` once no transaction is open: at once (synchronously) when
-   * none is, else in the order of the calls; reject after `ms`. The check
-   * and `body` run in one step, so nothing can open a transaction between them.
-   */
-  async when<T>(ms: number, what: string, body: () => T): Promise<T> {
-    const deadline = Date.now() + ms;
-    while (this.#held) {
-      const remaining = deadline - Date.now();
-      if (remaining <= 0) {
-        throw new StoreUnavailableError(
-          `SQLite: ${what} waited ${ms} ms (busyTimeoutMs) for the open transaction of transactional mode on this Database to end.`,
-        );
-      }
-      this.#idle ??= new Promise<void>((resolve) => {
-        this.#wake = resolve;
-      });
-      let timer: NodeJS.Timeout | undefined;
-      await Promise.race([this.#idle, new Promise<void>((resolve) => (timer = setTimeout(resolve, remaining)))]);
-      clearTimeout(timer);
-    }
-    return body();
+  /** Resolves once the gate is released, or after `ms`, whichever comes first. */
+  async idle(ms: number): Promise<void> {
+    this.#idle ??= new Promise<void>((resolve) => {
+      this.#wake = resolve;
+    });
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([this.#idle, new Promise<void>((resolve) => (timer = setTimeout(resolve, Math.max(0, ms))))]);
+    clearTimeout(timer);
   }
 
   take(): void {
@@ -249,45 +248,264 @@ class Gate {
   }
 }
 
-const gates = new WeakMap<SqliteDatabase, Gate>();
-
 /** SQLITE_BUSY and its extended codes: another connection holds the write lock. */
 const isBusy = (error: unknown): boolean => {
   const code = (error as { code?: unknown } | null)?.code;
   return typeof code === 'string' && code.startsWith('SQLITE_BUSY');
 };
 
-function gateOf(db: SqliteDatabase): Gate {
-  let gate = gates.get(db);
-  if (gate === undefined) {
-    gate = new Gate();
-    gates.set(db, gate);
-  }
-  return gate;
+/** One operation waiting for its turn on a `Database` (see {@link Writer}). */
+interface Queued {
+  /** The operation's statements; its answer is what it returns. */
+  run: () => unknown;
+  /** It writes more than once (`claimMany`): it runs under a savepoint, so that its failure undoes all of it and nothing else. */
+  multi: boolean;
+  /** It runs alone, outside any batch, once everything asked before it has committed (opening a transaction, a purge). */
+  solo: boolean;
+  /** Names it in errors ("a claim"). */
+  what: string;
+  /** How long it may wait for the gate and for another connection's write lock, ms, and the instant (`Date.now`) that ends. */
+  busyMs: number;
+  deadline: number;
+  resolve: (value: never) => void;
+  reject: (error: unknown) => void;
 }
 
+/** At most this many operations share one transaction (the rest go in the next, at once). */
+const MAX_BATCH = 512;
+
 /**
- * Run `body` (a write) once no transaction of transactional mode is open on
- * the gate's `Database`, and retry it without blocking the event loop while
- * another connection holds the write lock, for at most `busyMs`.
+ * The writes of one `Database`, group-committed. Every store on it and
+ * {@link sqliteTransaction} go through it, in the order asked:
+ *
+ * - The operations asked for in one turn of the event loop run together at
+ *   its end (`setImmediate`, after the turn's I/O callbacks, so that the
+ *   requests that arrived together share it) in ONE `BEGIN IMMEDIATE …
+ *   COMMIT`: one write lock, one commit, instead of one per operation. Each
+ *   runs its own statements (its fencing, its clock) and gets its own answer.
+ * - A statement error answers only its own operation: SQLite undoes the
+ *   failed statement alone, an operation that writes once has then written
+ *   nothing, and one that writes more (`claimMany`) runs under a savepoint
+ *   and is rolled back to it. An error that rolls the whole transaction back
+ *   (`RAISE(ROLLBACK)`, a full disk) fails its operation, and the others of
+ *   the batch, which did not land, run again in a new transaction.
+ * - A failed `COMMIT` rejects every operation of the batch: none landed
+ *   (`SQLITE_BUSY` at `COMMIT` is rolled back and retried like at `BEGIN`).
+ * - While a transaction of transactional mode (or {@link sqliteTransaction})
+ *   is open, the queue waits for it; while another process holds the write
+ *   lock, it retries every few ms without blocking the event loop. An
+ *   operation that waited its `busyTimeoutMs` (counted from when it was
+ *   asked) fails as a store outage; operations asked meanwhile join the batch.
+ * - Opening a transaction, and a purge, run alone in their place in the queue.
  */
-async function gatedWrite<T>(gate: Gate, busyMs: number, what: string, body: () => T): Promise<T> {
-  const deadline = Date.now() + busyMs;
-  let pause = 1;
-  for (;;) {
-    try {
-      return await gate.when(busyMs, what, body);
-    } catch (error) {
-      if (!isBusy(error)) throw error;
-      if (Date.now() + pause > deadline) {
-        throw new StoreUnavailableError(`SQLite: ${what} waited ${busyMs} ms (busyTimeoutMs) for another connection's write lock.`, {
-          cause: error,
-        });
-      }
-      await new Promise((resolve) => setTimeout(resolve, pause));
-      pause = Math.min(pause * 2, 25);
+class Writer {
+  readonly gate = new Gate();
+  readonly #db: SqliteDatabase;
+  #queue: Queued[] = [];
+  /** A flush is scheduled or under way; true whenever the queue is not empty. */
+  #flushing = false;
+  #sql: { begin: SqliteStatement; commit: SqliteStatement; rollback: SqliteStatement; savepoint: SqliteStatement; release: SqliteStatement; undo: SqliteStatement } | undefined;
+
+  constructor(db: SqliteDatabase) {
+    this.#db = db;
+  }
+
+  /** Queue `op` for the batch of this turn. */
+  push(op: Queued): void {
+    this.#queue.push(op);
+    if (!this.#flushing) {
+      this.#flushing = true;
+      setImmediate(this.#flush);
     }
   }
+
+  /** An operation for the batch of this turn: its answer once the batch has committed. */
+  batched<T>(what: string, busyMs: number, run: () => T, multi = false): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      this.push({ run, multi, solo: false, what, busyMs, deadline: Date.now() + busyMs, resolve: resolve as (value: never) => void, reject });
+    });
+  }
+
+  /**
+   * Run `run` alone: at once (no await) when nothing is queued and no
+   * transaction is open, else in its turn, after what was asked before it.
+   */
+  solo<T>(what: string, busyMs: number, run: () => T): Promise<T> {
+    if (!this.#flushing && !this.gate.held) {
+      try {
+        return Promise.resolve(run());
+      } catch (error) {
+        if (!isBusy(error)) return Promise.reject(error);
+      }
+    }
+    return new Promise<T>((resolve, reject) => {
+      this.push({ run, multi: false, solo: true, what, busyMs, deadline: Date.now() + busyMs, resolve: resolve as (value: never) => void, reject });
+    });
+  }
+
+  readonly #flush = async (): Promise<void> => {
+    const queue = this.#queue;
+    let pause = 1;
+    try {
+      while (queue.length > 0) {
+        if (this.gate.held) {
+          this.#expire(Date.now() + 1, 'for the open transaction of transactional mode on this Database to end');
+          if (queue.length === 0) return;
+          let first = Number.POSITIVE_INFINITY;
+          for (const op of queue) first = Math.min(first, op.deadline);
+          await this.gate.idle(first - Date.now());
+          continue;
+        }
+        try {
+          this.#runOnce();
+          pause = 1;
+        } catch (error) {
+          // Only SQLITE_BUSY gets here: another connection holds the write lock, and nothing ran.
+          this.#expire(Date.now() + pause, "for another connection's write lock", error);
+          if (queue.length === 0) return;
+          await new Promise((resolve) => setTimeout(resolve, pause));
+          pause = Math.min(pause * 2, 25);
+        }
+      }
+    } finally {
+      this.#flushing = false;
+      if (queue.length > 0) {
+        this.#flushing = true;
+        setImmediate(this.#flush);
+      }
+    }
+  };
+
+  /** Fail the queued operations whose wait would end before `limit`: they waited `busyTimeoutMs` for `what`. */
+  #expire(limit: number, what: string, cause?: unknown): void {
+    const queue = this.#queue;
+    let kept = 0;
+    for (const op of queue) {
+      if (op.deadline < limit) {
+        const message = `SQLite: ${op.what} waited ${op.busyMs} ms (busyTimeoutMs) ${what}.`;
+        op.reject(new StoreUnavailableError(message, cause === undefined ? undefined : { cause }));
+      } else queue[kept++] = op;
+    }
+    queue.length = kept;
+  }
+
+  /**
+   * Run the head of the queue: one solo operation, or the batch of
+   * operations up to the next solo one. Throws only SQLITE_BUSY, with the
+   * queue as it was (nothing ran, or what ran was rolled back).
+   */
+  #runOnce(): void {
+    const db = this.#db;
+    const queue = this.#queue;
+    const head = queue[0]!;
+    if (head.solo) {
+      let value: unknown;
+      try {
+        value = head.run();
+      } catch (error) {
+        if (isBusy(error)) throw error;
+        queue.shift();
+        head.reject(error);
+        return;
+      }
+      queue.shift();
+      head.resolve(value as never);
+      return;
+    }
+    let n = 1;
+    while (n < queue.length && n < MAX_BATCH && !queue[n]!.solo) n++;
+    const ops = queue.splice(0, n);
+    this.#sql ??= {
+      begin: db.prepare('BEGIN IMMEDIATE'),
+      commit: db.prepare('COMMIT'),
+      rollback: db.prepare('ROLLBACK'),
+      savepoint: db.prepare('SAVEPOINT oncely_operation'),
+      release: db.prepare('RELEASE oncely_operation'),
+      undo: db.prepare('ROLLBACK TO oncely_operation'),
+    };
+    const sql = this.#sql;
+    // Inside a transaction the caller opened on this connection itself (not
+    // through the gate): the operations join it, as they always did.
+    const own = !db.inTransaction;
+    if (own) {
+      try {
+        sql.begin.run();
+      } catch (error) {
+        if (isBusy(error)) {
+          queue.unshift(...ops);
+          throw error;
+        }
+        for (const op of ops) op.reject(error);
+        return;
+      }
+    }
+    const values: unknown[] = new Array(n);
+    let failed: Map<number, unknown> | undefined;
+    for (let i = 0; i < n; i++) {
+      const op = ops[i]!;
+      try {
+        if (op.multi) sql.savepoint.run();
+        values[i] = op.run();
+        if (op.multi) sql.release.run();
+      } catch (error) {
+        if (op.multi && db.inTransaction) {
+          try {
+            sql.undo.run();
+            sql.release.run();
+          } catch {
+            // The transaction is gone: handled below.
+          }
+        }
+        if (own && !db.inTransaction) {
+          // The error rolled the whole transaction back: the operations
+          // before this one did not land either. They run again, with those
+          // after it, in a new transaction.
+          ops.splice(i, 1);
+          queue.unshift(...ops);
+          op.reject(error);
+          return;
+        }
+        failed ??= new Map();
+        failed.set(i, error);
+      }
+    }
+    if (own) {
+      try {
+        sql.commit.run();
+      } catch (error) {
+        // A COMMIT that failed leaves the transaction open: nothing of the batch landed.
+        if (db.inTransaction) {
+          try {
+            sql.rollback.run();
+          } catch {
+            // The connection is broken; the error says why.
+          }
+        }
+        if (isBusy(error)) {
+          queue.unshift(...ops);
+          throw error;
+        }
+        for (const op of ops) op.reject(error);
+        return;
+      }
+    }
+    for (let i = 0; i < n; i++) {
+      if (failed?.has(i)) ops[i]!.reject(failed.get(i));
+      else ops[i]!.resolve(values[i] as never);
+    }
+  }
+}
+
+const writers = new WeakMap<SqliteDatabase, Writer>();
+
+/** The writer (and gate) of `db`, shared by every store on it and by {@link sqliteTransaction}. */
+function writerOf(db: SqliteDatabase): Writer {
+  let writer = writers.get(db);
+  if (writer === undefined) {
+    writer = new Writer(db);
+    writers.set(db, writer);
+  }
+  return writer;
 }
 
 /**
@@ -335,9 +553,11 @@ export async function sqliteTransaction<D extends SqliteDatabase, T>(
   if (typeof busyMs !== 'number' || !Number.isFinite(busyMs) || busyMs < 0) {
     throw new ConfigError(`busyTimeoutMs must be a finite number of ms, 0 or more (got ${String(busyMs)}).`);
   }
-  const gate = gateOf(database);
-  // Take turns: the gate is taken in the same step that found it free.
-  await gatedWrite(gate, busyMs, 'opening a transaction', () => {
+  const writer = writerOf(database);
+  const gate = writer.gate;
+  // Take turns: the gate is taken in the same step that found it free,
+  // after the store writes asked before (they commit first).
+  await writer.solo('opening a transaction', busyMs, () => {
     gate.take();
     try {
       database.exec('BEGIN IMMEDIATE');
@@ -452,7 +672,6 @@ export function sqliteStore(options: SqliteStoreOptions): SqliteStore {
   const t = `"${table}"`;
   const st = `"${sessionsTableName(table)}"`;
   const busyMs = Math.max(0, Math.floor(options.busyTimeoutMs ?? 5000));
-  const gate = gateOf(db);
   let prepare: (source: string) => SqliteStatement = (source) => db.prepare(source);
   if (options.migrate === false) {
     // A schema from an earlier version fails here, at startup, with what to do.
@@ -536,31 +755,50 @@ export function sqliteStore(options: SqliteStoreOptions): SqliteStore {
     return inProgress(row, at);
   };
 
-  /** Run `body` in one BEGIN IMMEDIATE transaction, or inside the caller's open transaction. */
-  const immediate = <T>(body: () => T): T => {
-    if (db.inTransaction) return body();
-    begin.run();
-    try {
-      const result = body();
-      commit.run();
-      return result;
-    } catch (error) {
-      if (db.inTransaction) rollback.run();
-      throw error;
+  // Every write goes through the Database's writer: the writes asked for in
+  // one turn of the event loop commit together, in one BEGIN IMMEDIATE, at
+  // its end; while a transaction of transactional mode is open they wait for
+  // it (run inside it, they would commit or roll back with its business
+  // writes); another process's write lock is waited out asynchronously, up
+  // to busyTimeoutMs (SQLite's own busy handler would sleep inside the call,
+  // blocking this event loop, so once set up the connection runs with
+  // busy_timeout 0, see `configure`).
+  const writer = writerOf(db);
+  const gate = writer.gate;
+  /**
+   * Records (and sessions) with a write of this store still queued. A read
+   * of one of them joins the queue behind that write, so that this process
+   * reads its own writes in the order asked (a completion, then a read of
+   * the record, in one turn). Cleared whenever no write is queued.
+   */
+  const dirty = new Set<string>();
+  const dirtySessions = new Set<string>();
+  let queuedWrites = 0;
+  const written = (): void => {
+    if (--queuedWrites === 0) {
+      dirty.clear();
+      dirtySessions.clear();
     }
   };
-
+  const write = <T>(what: string, body: () => T, multi = false): Promise<T> => {
+    queuedWrites++;
+    return writer.batched(what, busyMs, body, multi).then(
+      (value) => {
+        written();
+        return value;
+      },
+      (error: unknown) => {
+        written();
+        throw error;
+      },
+    );
+  };
   /**
-   * Run one of the store's writes now, or, while a transaction of
-   * transactional mode is open on this Database, once it has ended: run
-   * inside it, the write would commit or roll back with its business writes.
-   * Without an open transaction this adds nothing (no await).
+   * Whether a read of `key` must queue behind this store's queued writes.
+   * Not while a transaction of transactional mode is open: reads never wait
+   * for one (they answer at once, inside it, as they always did).
    */
-  // Another process's write lock must never block this event loop: SQLite's
-  // busy handler sleeps inside the call, so once set up the connection runs
-  // with busy_timeout 0 (see `configure`) and a SQLITE_BUSY is waited out
-  // here, asynchronously, up to busyTimeoutMs.
-  const write = <T>(what: string, body: () => T): Promise<T> => gatedWrite(gate, busyMs, what, body);
+  const behind = (keys: Set<string>, key: string): boolean => queuedWrites > 0 && keys.has(key) && !gate.held;
 
   const purge = (limit: number): number => {
     const at = now();
@@ -568,30 +806,55 @@ export function sqliteStore(options: SqliteStoreOptions): SqliteStore {
     return purgeStmt.run(at, Math.max(0, Math.floor(limit))).changes;
   };
   // A database the user closed has nothing left to purge, and a transaction
-  // left open is not ours to write into: the drain ends quietly.
+  // left open is not ours to write into: the drain ends quietly. A purge
+  // runs alone (autocommit statements), in its turn among the writes.
   let timer =
     purging === undefined
       ? undefined
-      : startPurge({ purgeExpired: async (limit) => (db.open && !db.inTransaction ? write('a purge', () => purge(limit)) : 0) }, purging);
+      : startPurge(
+          { purgeExpired: async (limit) => (db.open && !db.inTransaction ? writer.solo('a purge', busyMs, () => purge(limit)) : 0) },
+          purging,
+        );
 
   const sessions: StoreSessions = {
-    heartbeat: (session, ttlMs) =>
-      write('a session heartbeat', () => {
-        heartbeatStmt.run(session, now() + Math.round(ttlMs));
-      }),
-    async alive(session) {
-      return aliveStmt.get(session, now()) !== undefined;
+    heartbeat: (session, ttlMs) => {
+      const until = now() + Math.round(ttlMs);
+      dirtySessions.add(session);
+      return write('a session heartbeat', () => {
+        heartbeatStmt.run(session, until);
+      });
     },
-    end: (session) =>
-      write('the end of a session', () => {
+    async alive(session) {
+      const at = now();
+      if (behind(dirtySessions, session)) return writer.batched('a read', busyMs, () => aliveStmt.get(session, at) !== undefined);
+      return aliveStmt.get(session, at) !== undefined;
+    },
+    end: (session) => {
+      dirtySessions.add(session);
+      return write('the end of a session', () => {
         endStmt.run(session);
-      }),
+      });
+    },
+  };
+
+  const read = (id: string, at: number): StoredRecord | null => {
+    const row = getStmt.get(id, at) as Row | undefined;
+    if (row === undefined) return null;
+    if (row.state === COMPLETED) return completed(row);
+    const record: InProgressRecord = {
+      state: 'in_progress',
+      fingerprint: row.fingerprint,
+      leaseUntil: row.lease_until,
+      expiresAt: row.expires_at,
+    };
+    return record;
   };
 
   const transactions: StoreTransactions<SqliteDatabase> = {
     async open(id, token): Promise<StoreTransaction<SqliteDatabase>> {
-      // Take turns: the gate is taken in the same step that found it free.
-      await write('opening a transaction', () => {
+      // Take turns: the gate is taken in the same step that found it free,
+      // after the writes asked before (they commit first, outside it).
+      await writer.solo('opening a transaction', busyMs, () => {
         gate.take();
         try {
           begin.run();
@@ -663,55 +926,58 @@ export function sqliteStore(options: SqliteStoreOptions): SqliteStore {
     async claim(id, input) {
       // A live record that this claim cannot take is answered from a plain
       // read, without the write lock: replays and duplicates in flight never
-      // queue behind writers. Anything else is decided inside BEGIN IMMEDIATE.
+      // queue behind writers. Anything else is decided in the batch's
+      // BEGIN IMMEDIATE transaction (read again there, under the write lock),
+      // as is any claim of a record with a write of ours still queued.
       const at = now();
-      const row = select.get(id) as Row | undefined;
-      if (row !== undefined && row.expires_at > at) {
-        if (row.state === COMPLETED) return { status: 'completed', record: completed(row) };
-        if (!mayTake(row, input, at)) return inProgress(row, at);
+      if (!behind(dirty, id)) {
+        const row = select.get(id) as Row | undefined;
+        if (row !== undefined && row.expires_at > at) {
+          if (row.state === COMPLETED) return { status: 'completed', record: completed(row) };
+          if (!mayTake(row, input, at)) return inProgress(row, at);
+        }
       }
-      return write('a claim', () => immediate(() => decide(id, input, now())));
+      dirty.add(id);
+      return write('a claim', () => decide(id, input, at));
     },
     async claimMany(ids, input) {
       if (ids.length === 0) return [];
-      return write('a claim', () =>
-        immediate(() => {
-          const at = now();
-          return ids.map((id) => decide(id, input, at));
-        }),
-      );
+      const at = now();
+      for (const id of ids) dirty.add(id);
+      // All or nothing: under a savepoint of its own in the batch.
+      return write('a claim', () => ids.map((id) => decide(id, input, at)), ids.length > 1);
     },
-    renew: (id, token, leaseMs) =>
-      write('a renewal', () => {
-        const at = now();
-        const until = at + Math.round(leaseMs);
-        return renewStmt.run(until, until, id, token, at).changes === 1;
-      }),
-    complete: (id, token, outcome, ttlMs) =>
-      write('a completion', () => {
-        const at = now();
-        return completeStmt.run(outcome, at + Math.round(ttlMs), id, token, at).changes === 1;
-      }),
-    release: (id, token) => write('a release', () => releaseStmt.run(id, token, now()).changes === 1),
+    renew(id, token, leaseMs) {
+      const at = now();
+      const until = at + Math.round(leaseMs);
+      dirty.add(id);
+      return write('a renewal', () => renewStmt.run(until, until, id, token, at).changes === 1);
+    },
+    complete(id, token, outcome, ttlMs) {
+      const at = now();
+      dirty.add(id);
+      return write('a completion', () => completeStmt.run(outcome, at + Math.round(ttlMs), id, token, at).changes === 1);
+    },
+    release(id, token) {
+      const at = now();
+      dirty.add(id);
+      return write('a release', () => releaseStmt.run(id, token, at).changes === 1);
+    },
     async get(id): Promise<StoredRecord | null> {
-      const row = getStmt.get(id, now()) as Row | undefined;
-      if (row === undefined) return null;
-      if (row.state === COMPLETED) return completed(row);
-      const record: InProgressRecord = {
-        state: 'in_progress',
-        fingerprint: row.fingerprint,
-        leaseUntil: row.lease_until,
-        expiresAt: row.expires_at,
-      };
-      return record;
+      const at = now();
+      if (behind(dirty, id)) return writer.batched('a read', busyMs, () => read(id, at));
+      return read(id, at);
     },
-    delete: (id) =>
-      write('a delete', () => {
+    delete(id) {
+      const at = now();
+      dirty.add(id);
+      return write('a delete', () => {
         const row = deleteStmt.get(id) as { expires_at: number } | undefined;
-        return row !== undefined && row.expires_at > now();
-      }),
+        return row !== undefined && row.expires_at > at;
+      });
+    },
     async purgeExpired(limit) {
-      return write('a purge', () => purge(limit));
+      return writer.solo('a purge', busyMs, () => purge(limit));
     },
     async close() {
       await timer?.stop();
