@@ -245,6 +245,21 @@ describe('SQLite group commit: one transaction per turn of the event loop', () =
   });
 });
 
+describe('SQLite group commit: a closed Database', () => {
+  it('rejects the queued operations at once, with the driver\'s error, instead of waiting busyTimeoutMs', async () => {
+    const { raw, db } = counted(join(dir, 'closed.db'));
+    const store = storeOn(db, { busyTimeoutMs: 5_000 });
+    const [id, token] = [newId(), 'a-token'];
+    // Closed before the store's first batch.
+    raw.close();
+    const started = Date.now();
+    const results = await Promise.allSettled([store.renew(id, token, 30_000), store.complete(id, token, 'x', 60_000)]);
+    expect(results.map((r) => r.status)).toEqual(['rejected', 'rejected']);
+    expect(String((results[0] as PromiseRejectedResult).reason)).toMatch(/not open/);
+    expect(Date.now() - started).toBeLessThan(1_000);
+  });
+});
+
 describe('SQLite group commit and transactions', () => {
   it('holds a batch while a transaction of transactional mode is open, then commits it once, outside the transaction', async () => {
     const { raw, db, counts } = counted(join(dir, 'gate.db'));

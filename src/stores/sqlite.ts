@@ -361,6 +361,10 @@ class Writer {
           pause = 1;
         } catch (error) {
           // Only SQLITE_BUSY gets here: another connection holds the write lock, and nothing ran.
+          if (!isBusy(error)) {
+            for (const op of queue.splice(0)) op.reject(error);
+            return;
+          }
           this.#expire(Date.now() + pause, "for another connection's write lock", error);
           if (queue.length === 0) return;
           await new Promise((resolve) => setTimeout(resolve, pause));
@@ -415,15 +419,24 @@ class Writer {
     let n = 1;
     while (n < queue.length && n < MAX_BATCH && !queue[n]!.solo) n++;
     const ops = queue.splice(0, n);
-    this.#sql ??= {
-      begin: db.prepare('BEGIN IMMEDIATE'),
-      commit: db.prepare('COMMIT'),
-      rollback: db.prepare('ROLLBACK'),
-      savepoint: db.prepare('SAVEPOINT oncely_operation'),
-      release: db.prepare('RELEASE oncely_operation'),
-      undo: db.prepare('ROLLBACK TO oncely_operation'),
-    };
-    const sql = this.#sql;
+    let sql = this.#sql;
+    if (sql === undefined) {
+      try {
+        sql = {
+          begin: db.prepare('BEGIN IMMEDIATE'),
+          commit: db.prepare('COMMIT'),
+          rollback: db.prepare('ROLLBACK'),
+          savepoint: db.prepare('SAVEPOINT oncely_operation'),
+          release: db.prepare('RELEASE oncely_operation'),
+          undo: db.prepare('ROLLBACK TO oncely_operation'),
+        };
+      } catch (error) {
+        // A Database closed before its first batch.
+        for (const op of ops) op.reject(error);
+        return;
+      }
+      this.#sql = sql;
+    }
     // Inside a transaction the caller opened on this connection itself (not
     // through the gate): the operations join it, as they always did.
     const own = !db.inTransaction;
