@@ -463,6 +463,26 @@ describe('with a process session', () => {
     await engine.close();
   });
 
+  it('armed twice (a renewal hangs, then a heartbeat fails): one deadline timer, so nothing fires after the claim settles', async () => {
+    // Renewal at 1 000 hangs: the deadline is armed for 3 000. The heartbeat at 2 500 fails: the
+    // session is at risk and the deadline must stay the one timer. Settled at 2 600, nothing may fire
+    // at 3 000 (a second timer would leave the first behind, to mark a settled claim lost).
+    const { store, script, link } = withSessions();
+    script.renew = () => hang();
+    const { engine, events } = engineOn(store, { leaseMs: 3_000, sessions: { ttlMs: 10_000 } });
+    const claim = await won(engine);
+    const aborted = abortTime(claim);
+    await until(2_400);
+    link.down = true;
+    await until(2_600);
+    expect(await claim.complete('done')).toBe(true);
+    await until(20_000);
+    expect(aborted.at).toBeUndefined();
+    expect(claim.lost).toBe(false);
+    expect(events).toEqual(['stored @2600']);
+    await engine.close();
+  });
+
   it('a settled or abandoned claim: heartbeats failing after it settled change nothing; abandoned, it ends with the session', async () => {
     const { store, link } = withSessions();
     const { engine, events } = engineOn(store, { leaseMs: 30_000, sessions: { ttlMs: 1_000 } });
