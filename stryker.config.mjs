@@ -27,7 +27,22 @@ const FILES = [
 const only = process.env.ONCELY_MUTATE?.split(',').map((part) => part.trim()).filter(Boolean);
 const selected = only ? FILES.filter((file) => only.some((part) => file.includes(part))) : FILES;
 if (selected.length === 0) throw new Error(`ONCELY_MUTATE=${process.env.ONCELY_MUTATE} matches none of ${FILES.join(', ')}`);
-const reports = only ? `reports/mutation/${only.join('+').replace(/[^\w.+-]+/g, '_')}` : 'reports/mutation';
+// `ONCELY_MUTATE_LINES='src/engine/engine.ts:576,620;src/http/core.ts:368'` mutates only those lines
+// (to run a first run's survivors again, usually with ONCELY_COVERAGE=all), reported under
+// reports/mutation/lines-<files>/.
+const lineSelection = process.env.ONCELY_MUTATE_LINES?.split(';')
+  .map((part) => part.trim())
+  .filter(Boolean)
+  .map((part) => {
+    const [file, list] = part.split(':');
+    if (!FILES.includes(file) || !list) throw new Error(`ONCELY_MUTATE_LINES: ${part} is not <one of ${FILES.join(', ')}>:<line>,<line>…`);
+    return { file, lines: list.split(',').map(Number) };
+  });
+const reports = lineSelection
+  ? `reports/mutation/lines-${lineSelection.map(({ file }) => file.split('/').pop()).join('+')}`
+  : only
+    ? `reports/mutation/${only.join('+').replace(/[^\w.+-]+/g, '_')}`
+    : 'reports/mutation';
 
 function mutateRanges(file) {
   const lines = readFileSync(file, 'utf8').split('\n');
@@ -48,8 +63,21 @@ export default {
   testRunner: 'vitest',
   // Only the unit tests (src/**/*.test.ts), with the `source` export condition.
   vitest: { configFile: 'vitest.mutation.config.ts', related: true },
-  coverageAnalysis: 'perTest',
-  mutate: selected.flatMap(mutateRanges),
+  // perTest: each mutant runs only against the tests seen executing it. Code reached from timers
+  // (renewals, deadlines, heartbeats on vitest's fake clock) can be credited to the wrong test, so a
+  // mutant those tests kill may be reported as survived: ONCELY_COVERAGE=all runs every related test
+  // for each mutant (slow: use it with ONCELY_MUTATE_LINES on the survivors).
+  coverageAnalysis: process.env.ONCELY_COVERAGE === 'all' ? 'all' : 'perTest',
+  // A mutant of module-level code (a constant, a regex) can only be tested by
+  // reloading every test of its file's importers: 40 s or more each here, and
+  // the lion's share of a run. They are left out (reported as Ignored) unless
+  // ONCELY_MUTATE_STATIC=1. Mutants reached both at load and by tests still run,
+  // against the tests that reach them.
+  // (Stryker refuses ignoreStatic with coverageAnalysis 'all'.)
+  ignoreStatic: process.env.ONCELY_MUTATE_STATIC !== '1' && process.env.ONCELY_COVERAGE !== 'all',
+  mutate: lineSelection
+    ? lineSelection.flatMap(({ file, lines }) => lines.map((line) => `${file}:${line}-${line}`))
+    : selected.flatMap(mutateRanges),
   // Two shared cores: one test runner by default (`--concurrency 2` on a free machine).
   concurrency: 1,
   // Lease and deadline tests sleep for real: a loaded machine must not turn slowness into timeouts.
