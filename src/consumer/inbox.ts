@@ -280,7 +280,7 @@ export interface PgInboxClient {
  */
 export interface PostgresInboxOptions extends Omit<InboxOptions<PgInboxClient>, 'store' | 'engine' | 'processedBefore'> {
   /** The user's `pg` Pool: the records, and each message's transaction (unless `transactionPool`). Never ended by the inbox. */
-  pool: PgQueryable & PgTransactionPool;
+  pool: PgQueryable;
   /** Where each message's transaction takes its client (see `postgresStore`). Default `pool`. */
   transactionPool?: PgTransactionPool;
   /** Schema of the records table. Default: the connection's `search_path`. */
@@ -329,7 +329,10 @@ export function postgresInbox(options: PostgresInboxOptions): PostgresInbox {
   refuseOldTable(options);
   const { pool, schema, recordsTable } = options;
   const names = { ...(schema === undefined ? {} : { schema }), ...(recordsTable === undefined ? {} : { table: recordsTable }) };
-  const store = postgresStore({ pool, transactionPool: options.transactionPool ?? pool, ...names });
+  // The store's own rule for transactions: `transactionPool`, else `pool` when it is a Pool (a single
+  // Client has none, and inbox() then refuses it with a ConfigError).
+  const transactionPool = options.transactionPool === undefined ? {} : { transactionPool: options.transactionPool };
+  const store = postgresStore({ pool, ...transactionPool, ...names });
   const legacy = options.legacyTable === undefined ? undefined : legacyTableName(options.legacyTable);
   const select = legacy === undefined ? '' : `SELECT 1 FROM ${legacy} WHERE consumer = $1 AND message_id = $2`;
   const base = inbox<PgInboxClient>({

@@ -205,6 +205,8 @@ describe('postgres inbox (real PostgreSQL)', () => {
   it('refuses the old `table` option, a store without transactional mode, and bad ids, with a clear error and nothing written', async () => {
     expect(() => postgresInbox({ pool, consumer: 'x', table: 'oncely_inbox' } as never)).toThrow(/legacyTable/);
     expect(() => anyInbox({ store: memoryStore(), consumer: 'x' })).toThrow(ConfigError);
+    // A single pg Client has no transactions to hand out (its connect() is not a pool's).
+    expect(() => postgresInbox({ pool: new pg.Client({ host: '127.0.0.1' }), consumer: 'x' })).toThrow(/transactional mode/);
     expect(() => postgresInbox({ pool, consumer: 'x', legacyTable: 'bad name' })).toThrow(ConfigError);
     const inbox = open({ consumer: 'ledger' });
     await expect(inbox.handle('', () => 1)).rejects.toBeInstanceOf(ConfigError);
