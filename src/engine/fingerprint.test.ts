@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { BodyInvalidError } from '../errors/index.js';
+import { mulberry32 as random } from '../testing/random.js';
 import { canonicalJson, fingerprintOf, fingerprintV1, MAX_JSON_DEPTH, recordId, sortedQuery } from './fingerprint.js';
 
 describe('canonicalJson', () => {
@@ -126,17 +127,6 @@ function recursiveCanonicalJson(value: unknown): string {
   return `${out}}`;
 }
 
-// mulberry32: a tiny seeded generator, so a failure names a reproducible seed.
-function random(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const STRING_PARTS = [
   '', 'a', 'Z', 'key', ' ', '"', '\\', '/', '\n', '\r', '\t', '\b', '\f', '\u0000', '\u001f', '\u007f',

@@ -7,6 +7,7 @@
  * for an idempotency store that would be a second run.
  */
 import { describe, expect, it } from 'vitest';
+import { mulberry32 as random } from '../testing/random.js';
 import { memoryStore } from './memory.js';
 
 interface ModelRecord {
@@ -16,18 +17,6 @@ interface ModelRecord {
   leaseUntil: number;
   expiresAt: number;
   outcome: string | null;
-}
-
-/** A seeded generator (mulberry32), so that a failure names its seed. */
-function random(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 const LEASE = 50;

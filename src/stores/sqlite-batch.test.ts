@@ -3,7 +3,7 @@
  * event loop commit together in one BEGIN IMMEDIATE transaction, each with
  * its own answer and fencing, in the order asked.
  */
-import { type ChildProcess, spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -14,6 +14,7 @@ import { Engine } from '../engine/engine.js';
 import type { ClaimResult } from '../engine/store.js';
 import { StoreUnavailableError } from '../errors/index.js';
 import { type SqliteDatabase, type SqliteStatement, type SqliteStore, sqliteStore, sqliteTransaction } from './sqlite.js';
+import { holdWriteLock } from '../../test/support/sqlite-lock.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'oncely-sqlite-batch-'));
 const children: ChildProcess[] = [];
@@ -74,24 +75,6 @@ async function acquire(store: SqliteStore, id: string): Promise<string> {
   const claim = await store.claim(id, LONG);
   if (claim.status !== 'acquired') throw new Error(`expected acquired, got ${claim.status}`);
   return claim.token;
-}
-
-/** Another process that takes the file's write lock and holds it for `ms`. */
-function holdWriteLock(file: string, ms: number): Promise<ChildProcess> {
-  const script = `
-    const Database = require('better-sqlite3');
-    const db = new Database(${JSON.stringify(file)});
-    db.exec('BEGIN IMMEDIATE');
-    console.log('locked');
-    setTimeout(() => { db.exec('COMMIT'); console.log('released'); }, ${ms});`;
-  const child = spawn(process.execPath, ['-e', script], { cwd: process.cwd(), stdio: ['ignore', 'pipe', 'inherit'] });
-  children.push(child);
-  return new Promise((resolve, reject) => {
-    child.stdout!.on('data', (chunk: Buffer) => {
-      if (chunk.toString().includes('locked')) resolve(child);
-    });
-    child.on('error', reject);
-  });
 }
 
 describe('SQLite group commit: one transaction per turn of the event loop', () => {
@@ -201,7 +184,7 @@ describe('SQLite group commit: one transaction per turn of the event loop', () =
     const store = storeOn(db, { busyTimeoutMs: 5_000 });
     const held = newId();
     const token = await acquire(store, held);
-    await holdWriteLock(file, 400);
+    await holdWriteLock(file, 400, children);
     const before = counts.commit;
     let ticks = 0;
     const timer = setInterval(() => ticks++, 10);

@@ -1,4 +1,4 @@
-import { type ChildProcess, spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -6,6 +6,7 @@ import Database from 'better-sqlite3';
 import { afterAll, describe, expect, it } from 'vitest';
 import { Engine } from '../engine/engine.js';
 import { sqliteStore } from './sqlite.js';
+import { holdWriteLock } from '../../test/support/sqlite-lock.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'oncely-sqlite-busy-'));
 const children: ChildProcess[] = [];
@@ -13,24 +14,6 @@ afterAll(() => {
   for (const child of children) child.kill('SIGKILL');
   rmSync(dir, { recursive: true, force: true });
 });
-
-/** Another process that takes the file's write lock and holds it for `ms`. */
-function holdWriteLock(file: string, ms: number): Promise<ChildProcess> {
-  const script = `
-    const Database = require('better-sqlite3');
-    const db = new Database(${JSON.stringify(file)});
-    db.exec('BEGIN IMMEDIATE');
-    console.log('locked');
-    setTimeout(() => { db.exec('COMMIT'); console.log('released'); }, ${ms});`;
-  const child = spawn(process.execPath, ['-e', script], { cwd: process.cwd(), stdio: ['ignore', 'pipe', 'inherit'] });
-  children.push(child);
-  return new Promise((resolve, reject) => {
-    child.stdout!.on('data', (chunk: Buffer) => {
-      if (chunk.toString().includes('locked')) resolve(child);
-    });
-    child.on('error', reject);
-  });
-}
 
 /** Counts event-loop turns while `work` runs: a blocked loop counts none. */
 async function ticksDuring<T>(work: Promise<T>): Promise<{ result: PromiseSettledResult<T>; ticks: number; ms: number }> {
@@ -47,7 +30,7 @@ describe('SQLite: another process holding the write lock never blocks the event 
     const file = join(dir, 'wait.db');
     const store = sqliteStore({ database: new Database(file), purge: false, busyTimeoutMs: 5_000 });
     const engine = new Engine({ store, sessions: false });
-    await holdWriteLock(file, 600);
+    await holdWriteLock(file, 600, children);
     const { result, ticks, ms } = await ticksDuring(engine.begin({ id: 'k-wait', fingerprint: null }));
     expect(result.status === 'fulfilled' && result.value.kind).toBe('run');
     expect(ms).toBeGreaterThanOrEqual(400);
@@ -60,7 +43,7 @@ describe('SQLite: another process holding the write lock never blocks the event 
     const file = join(dir, 'timeout.db');
     const store = sqliteStore({ database: new Database(file), purge: false, busyTimeoutMs: 300 });
     const engine = new Engine({ store, sessions: false });
-    const child = await holdWriteLock(file, 3_000);
+    const child = await holdWriteLock(file, 3_000, children);
     const { result, ticks, ms } = await ticksDuring(engine.begin({ id: 'k-timeout', fingerprint: null }));
     expect(result.status === 'fulfilled' && result.value).toMatchObject({ kind: 'unavailable', error: { code: 'ONCELY_STORE_UNAVAILABLE' } });
     expect(ms).toBeLessThan(2_000);

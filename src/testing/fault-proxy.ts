@@ -10,6 +10,7 @@ import { type IncomingHttpHeaders, type IncomingMessage, type Server, createServ
 import { Agent } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import { ConfigError } from '../errors/index.js';
+import { mulberry32 } from './random.js';
 
 /**
  * The faults the proxy can apply to one request:
@@ -322,18 +323,6 @@ function planner(plan: FaultPlan): (request: FaultRequest, n: number) => Fault |
       draw -= p;
     }
     return 'none';
-  };
-}
-
-/** A small seedable PRNG (mulberry32): the same seed gives the same faults. */
-function mulberry32(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
 }
 
