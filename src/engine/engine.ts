@@ -884,9 +884,13 @@ export class Claim implements SessionWatcher {
         this.#markLost();
         return 'fenced';
       } catch (error) {
-        // Only an unreachable store is worth another try; and only while the
-        // lease is ours, so a retry can never land after a takeover.
-        const remaining = this.leaseUntil - Date.now();
+        // Only an unreachable store is worth another try, and only until the
+        // record's own lease ends. Not cut short by the process session: a
+        // session whose heartbeats failed (the same outage) may look dead to
+        // others, but a takeover gives the record a new token and this
+        // completion is then refused (fenced); while nobody took over, it is
+        // the only thing that stops a retry running the operation again.
+        const remaining = this.#leaseUntil - Date.now();
         if (!(error instanceof StoreUnavailableError) || remaining <= pause) {
           engine.emit('unsettled', { id: this.id, error });
           return 'unsettled';

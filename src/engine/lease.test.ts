@@ -483,6 +483,50 @@ describe('with a process session', () => {
     await engine.close();
   });
 
+  it("a completion cut off by the outage that stopped the heartbeats is retried to the lease's end, not the session's", async () => {
+    // Seen in a Redis failover: heartbeats and the completion fail together for
+    // ~3 s. Giving up at the session's end (1 000) left the record in progress
+    // until its lease ended, and a retry then ran the operation again.
+    const { store, link, script, at } = withSessions();
+    const { engine, events } = engineOn(store, { leaseMs: 30_000, sessions: { ttlMs: 1_000 } });
+    const claim = await won(engine);
+    link.down = true;
+    script.complete = async () => {
+      if (Date.now() - T0 < 3_000) throw new Error('ECONNRESET');
+      link.down = false;
+      return true;
+    };
+    const settled = claim.settle({ kind: 'complete', outcome: 'done' });
+    await until(10_000);
+    expect(await settled).toBe('stored');
+    expect(at('complete').at(-1)).toBeGreaterThanOrEqual(3_000);
+    expect(at('complete').at(-1)).toBeLessThan(5_000);
+    expect(events).toEqual([expect.stringMatching(/^stored @/)]);
+    await engine.close();
+  });
+
+  it('that retry is still fenced: taken over meanwhile (the session looked dead), the completion writes nothing', async () => {
+    const { store, real, link, script } = withSessions();
+    const { engine } = engineOn(store, { leaseMs: 30_000, sessions: { ttlMs: 1_000 } });
+    const claim = await won(engine);
+    link.down = true;
+    script.complete = async (id, token, outcome, ttlMs) => {
+      if (Date.now() - T0 < 3_000) throw new Error('ECONNRESET');
+      return real.complete(id, token, outcome, ttlMs);
+    };
+    const settled = claim.settle({ kind: 'complete', outcome: 'first' });
+    await until(2_000);
+    // Another worker holds the record now under a token of its own (as after a
+    // takeover once the session looked dead; the memory store has no sessions).
+    await real.delete('op');
+    const taken = await real.claim('op', { fingerprint: 'f', leaseMs: 30_000, ttlMs: 60_000 });
+    expect(taken.status).toBe('acquired');
+    await until(10_000);
+    expect(await settled).toBe('fenced');
+    expect((await real.get('op'))?.state).toBe('in_progress');
+    await engine.close();
+  });
+
   it('a settled or abandoned claim: heartbeats failing after it settled change nothing; abandoned, it ends with the session', async () => {
     const { store, link } = withSessions();
     const { engine, events } = engineOn(store, { leaseMs: 30_000, sessions: { ttlMs: 1_000 } });
