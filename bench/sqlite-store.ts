@@ -5,11 +5,16 @@
  * page-cache settings side by side (one process each, in turn):
  *
  *   node --conditions=source --import tsx bench/sqlite-store.ts
- *   MODES=default,cache,mmap ROUNDS=3 N=20000
+ *   MODES=default,sql,cache,mmap ROUNDS=3 N=20000
  *
  * - default: the store's own settings (WAL, synchronous=NORMAL, SQLite's default cache)
  * - cache: `PRAGMA cache_size = -65536` (64 MiB of page cache)
  * - mmap: `PRAGMA mmap_size = 268435456` (reads through a 256 MiB memory map)
+ * - sql: not the store: the SQL statements it runs, alone, on the same
+ *   table and settings (per new key a plain read, then in one
+ *   `BEGIN IMMEDIATE` per 50 keys the read again and the insert, then in
+ *   another the completion; per replay the plain read). The floor of any
+ *   SQLite store built this way on this machine, before oncely's own work.
  */
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -52,6 +57,54 @@ async function measure(mode: string): Promise<void> {
       if (claim.status === 'acquired') await store.complete(id, claim.token, outcome, 86_400_000);
     });
   const replay = () => cpu(N, (i) => store.claim(ids[(i * 7919) % ids.length]!, input));
+  if (mode === 'sql') {
+    // The store's own statements, run directly, as its group commit batches them.
+    const t = 'oncely_records';
+    const select = db.prepare(`SELECT state, token, fingerprint, lease_until, expires_at, outcome, owner FROM ${t} WHERE id = ?`);
+    const insert = db.prepare(
+      `INSERT OR REPLACE INTO ${t} (id, state, token, fingerprint, lease_until, expires_at, outcome, owner) VALUES (?, 0, ?, ?, ?, ?, NULL, ?)`,
+    );
+    const complete = db.prepare(
+      `UPDATE ${t} SET state = 1, outcome = ?, expires_at = ? WHERE id = ? AND token = ? AND state = 0 AND expires_at > ?`,
+    );
+    const begin = db.prepare('BEGIN IMMEDIATE');
+    const commit = db.prepare('COMMIT');
+    const sql = {
+      miss: async (): Promise<number> => {
+        const start = process.cpuUsage();
+        for (let i = 0; i < N; i += IN_FLIGHT) {
+          const at = Date.now();
+          const batch = Array.from({ length: Math.min(IN_FLIGHT, N - i) }, () => randomBytes(32).toString('hex'));
+          for (const id of batch) select.get(id);
+          begin.run();
+          for (const id of batch) {
+            select.get(id);
+            insert.run(id, 't', input.fingerprint, at + input.leaseMs, at + input.ttlMs, null);
+          }
+          commit.run();
+          begin.run();
+          for (const id of batch) complete.run(outcome, at + input.ttlMs, id, 't', at);
+          commit.run();
+          ids.push(...batch);
+          await new Promise((resolve) => setImmediate(resolve));
+        }
+        const used = process.cpuUsage(start);
+        return (used.user + used.system) / N;
+      },
+      replay: () => cpu(N, async (i) => select.get(ids[(i * 7919) % ids.length]!)),
+    };
+    await sql.miss();
+    const misses: number[] = [];
+    const replays: number[] = [];
+    for (let r = 0; r < ROUNDS; r++) misses.push(await sql.miss());
+    for (let r = 0; r < ROUNDS; r++) replays.push(await sql.replay());
+    const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!.toFixed(1);
+    console.log(`| ${mode} (the statements alone) | ${ids.length} | ${median(misses)} | ${median(replays)} |`);
+    await store.close();
+    db.close();
+    rmSync(dir, { recursive: true, force: true });
+    return;
+  }
   await miss();
   const misses: number[] = [];
   const replays: number[] = [];
@@ -69,7 +122,7 @@ if (mode) await measure(mode);
 else {
   console.log(`SQLite store alone: CPU µs per operation, median of ${ROUNDS} rounds of ${N}, ${IN_FLIGHT} in flight\n`);
   console.log('| settings | records at the end | new key (claim + complete) µs | replay µs |\n| --- | --- | --- | --- |');
-  for (const each of (process.env.MODES ?? 'default,cache,mmap').split(',')) {
+  for (const each of (process.env.MODES ?? 'default,sql,cache,mmap').split(',')) {
     // One process per setting, so that none inherits another's heap or page cache.
     execFileSync(process.execPath, ['--conditions=source', '--import', 'tsx', fileURLToPath(import.meta.url), each], { stdio: 'inherit' });
   }
