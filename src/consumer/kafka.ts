@@ -227,11 +227,15 @@ export function kafkaEachBatch<K extends KafkaMessageLike = KafkaMessageLike>(op
   const eachBatch = async (payload: EachBatchPayloadLike<K>): Promise<void> => {
     const { topic, partition, messages } = payload.batch;
     const items: Array<{ message: KafkaRecord<K>; id: string }> = [];
+    let missing: KafkaRecord<K> | undefined;
     for (const message of messages) {
       const record: KafkaRecord<K> = { topic, partition, message };
       const id = readMessageId(consumer, () => readId(record));
       // A record without an id ends the run: it and everything after it stay unresolved.
-      if (id === undefined) break;
+      if (id === undefined) {
+        missing = record;
+        break;
+      }
       items.push({ message: record, id });
     }
     let unbroken = true;
@@ -257,7 +261,12 @@ export function kafkaEachBatch<K extends KafkaMessageLike = KafkaMessageLike>(op
     if (lastBreak && lastBreak.action !== 'skipped') {
       // The partition is fetched again from the first unresolved record; wait a moment first.
       if (!pauseFor(payload.pause ? () => payload.pause!() : undefined, retryDelayMs)) await sleep(retryDelayMs);
+      return;
     }
+    // Every record before it is resolved; the one without an id fails as in
+    // eachMessage, so that KafkaJS's retry policy (backoff, then a restart)
+    // applies. Returning would have the runner fetch it again at once, in a loop.
+    if (missing !== undefined && unbroken) throw new Error(`oncely: record ${kafkaMessageId(missing)} has no message id.`);
   };
   return Object.assign(eachBatch, { consumer });
 }

@@ -134,6 +134,30 @@ describe('kafka adapter with KafkaJS payloads', () => {
     expect(claimManyCalls).toBe(3);
   });
 
+  it('eachBatch: a record without an id fails the batch after the records before it are resolved, every time it is fetched (no silent refetch loop)', async () => {
+    const store = memoryStore();
+    const ran: string[] = [];
+    const missing: unknown[] = [];
+    const eachBatch = kafkaEachBatch({
+      name: 'ids',
+      store,
+      // An id of its own, which this record lacks (a header falls back to topic/partition/offset).
+      messageId: (record) => record.message.headers?.['event-id']?.toString(),
+      retryDelayMs: 5,
+      handler: ({ message }) => void ran.push(message.message.offset),
+    });
+    eachBatch.consumer.on('missingId', (e) => missing.push(e.error));
+    const part = partition('orders', [message(0, 'evt-0'), message(1), message(2, 'evt-2')]);
+    await expect(eachBatch(part.payload())).rejects.toThrow('record orders/0/1 has no message id');
+    expect(ran).toEqual(['0']);
+    expect(part.resolved()).toBe(0);
+    // Fetched again from offset 1: it fails again at once, and nothing runs.
+    await expect(eachBatch(part.payload())).rejects.toThrow('record orders/0/1 has no message id');
+    expect(ran).toEqual(['0']);
+    expect(part.resolved()).toBe(0);
+    expect(missing).toHaveLength(2);
+  });
+
   it('eachBatch: a heartbeat that throws mid-batch (a rebalance) releases the later claims; the refetch runs them at once', async () => {
     const store = memoryStore();
     const ran: string[] = [];
