@@ -76,8 +76,18 @@ for (const fw of FRAMEWORKS) {
   const f = framework.toLowerCase();
   contestants.push({ id: `${f}-bare`, name: `${framework} (bare)`, framework, store: 'none', file: `bench/servers/${f}-bare.ts`, bare: true });
   // The floor: bare Fastify plus two empty async hooks (what any plugin that acts before the handler and before the answer pays).
-  if (framework === 'Fastify' && FLOOR)
+  if (framework === 'Fastify' && FLOOR) {
     contestants.push({ id: 'fastify-hooks', name: 'Fastify + 2 empty hooks', framework, store: 'none', file: 'bench/servers/fastify-hooks.ts' });
+    // The same, with an onSend that waits one event-loop turn, as one that stores the answer first must.
+    contestants.push({
+      id: 'fastify-hooks-turn',
+      name: 'Fastify + 2 empty hooks, onSend waits a turn',
+      framework,
+      store: 'none',
+      file: 'bench/servers/fastify-hooks.ts',
+      env: { HOOKS: 'turn' },
+    });
+  }
   for (const store of STORES) {
     contestants.push({
       id: `${f}-${store}`,
@@ -255,14 +265,19 @@ for (const { store, before } of variants) {
   }
 }
 
-// The floor, when measured: what two empty async hooks add to bare Fastify.
-const floor = contestants.find((c) => c.id === 'fastify-hooks');
-if (floor) {
+// The floor, when measured: what two empty async hooks add to bare Fastify
+// (and the same when the onSend waits one event-loop turn, as a store would make it).
+for (const [id, label] of [
+  ['fastify-hooks', '(no store: Fastify + 2 empty async hooks)'],
+  ['fastify-hooks-turn', '(no store: the same, onSend waits one event-loop turn)'],
+] as const) {
+  const floor = contestants.find((c) => c.id === id);
+  if (!floor) continue;
   for (const path of paths) {
     const samples = results.get(at(floor, path)) ?? [];
     if (samples.length === 0) continue;
     const p99 = summarise(samples.map((s) => s.p99));
-    addedRows.push(['(no store: Fastify + 2 empty async hooks)', path, fmtAdded(addedServer(samples, bareOf(floor, path))), '–', p99.median.toFixed(0), '–', '–', '–', '–', 'the floor of any such plugin']);
+    addedRows.push([label, path, fmtAdded(addedServer(samples, bareOf(floor, path))), '–', p99.median.toFixed(0), '–', '–', '–', '–', 'the floor of any such plugin']);
   }
 }
 
