@@ -395,7 +395,11 @@ describe('sqlite store: transactional mode', () => {
     expect(db.inTransaction).toBe(true);
     pay(db, id);
     const settled: string[] = [];
-    const note = <T>(name: string, pending: Promise<T>): Promise<T> => pending.then((value) => (settled.push(name), value));
+    const note = <T>(name: string, pending: Promise<T>): Promise<T> =>
+      pending.then((value) => {
+        settled.push(name);
+        return value;
+      });
     const writes = [
       note('claim', store.claim(newId(), LONG)),
       note('renew', store.renew(id, claim.token, 30_000)),
