@@ -260,6 +260,15 @@ describe('memory store claimMany', () => {
     // With room again, the same batch succeeds as a whole.
     expect((await memoryStore().claimMany!(['a', 'b'], input)).map((r) => r.status)).toEqual(['acquired', 'acquired']);
   });
+  it('undoes a claim of its batch held in the first slot of the table too', async () => {
+    // The store's first record sits in slot 0 (found by the mutation run: `slot > 0` survived the test above).
+    const bounded = memoryStore({ maxEntries: 1 });
+    const input = { fingerprint: null, leaseMs: 10_000, ttlMs: 60_000 };
+    await expect(bounded.claimMany!(['first', 'second'], input)).rejects.toMatchObject({ code: 'ONCELY_STORE_FULL' });
+    expect(await bounded.get('first')).toBeNull();
+    expect(bounded.size).toBe(0);
+    expect((await bounded.claim('first', input)).status).toBe('acquired');
+  });
 });
 
 describe('memory store lookups', () => {
