@@ -27,6 +27,7 @@ import { fileURLToPath } from 'node:url';
 import { createClient } from 'oncely/client';
 import { type FaultProxy, startFaultProxy } from 'oncely/testing';
 import { renderTable } from '../src/cli/table.js';
+import { mulberry32 as prng } from '../src/testing/random.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const ACCOUNT = 'storm';
@@ -84,18 +85,6 @@ interface RunResult {
   charged: number;
   expected: number;
   seconds: number;
-}
-
-/** A small seedable PRNG (mulberry32), so that both runs get the same operations. */
-function prng(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 function operations(): Operation[] {

@@ -25,6 +25,7 @@ import { join } from 'node:path';
 import { createClient } from 'oncely/client';
 import { type Fault, type FaultProxy, type FaultRequest, startFaultProxy } from 'oncely/testing';
 import { afterEach, describe, expect, it } from 'vitest';
+import { mulberry32 as prng } from '../../src/testing/random.js';
 import { type RunningReference, startReference } from '../../reference/app.js';
 
 const ACCOUNT = 'acct_e2e';
@@ -42,18 +43,6 @@ interface Order {
 interface Payment {
   id: string;
   amount: number;
-}
-
-/** A small seedable PRNG (mulberry32): a failing run can be replayed exactly. */
-function prng(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /** A fault plan that breaks only POSTs to `path`, with the given probabilities. */
