@@ -32,6 +32,8 @@ const LAG_MS = 300;
 /** Keys in flight per workload, each run by three workers. */
 const LANES = 16;
 const LEASE_MS = 15_000;
+/** Longer than a failover takes here, so that a live process's session never lapses during one. */
+const SESSION_TTL_MS = 10_000;
 const REPLICATION: RedisReplicationOptions = { replicas: 1, timeoutMs: 250 };
 const FP = 'v1:ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff';
 const INPUT = { fingerprint: FP, leaseMs: 30_000, ttlMs: 60_000 };
@@ -155,7 +157,10 @@ describe('redis store failover (six-node cluster on 127.0.0.1:7100-7105)', () =>
         const client = await ioredisCluster(redis);
         closers.push(() => client.disconnect());
         const store = redisStore({ client, prefix, ...(replication ? { replication } : {}) });
-        workers.push(new Engine({ store, leaseMs: LEASE_MS, storeTimeoutMs: 3_000 }));
+        // Sessions outlive a failover (2 to 4 s here), as docs/engine.md advises: with the default
+        // 1 s TTL a copy that arrives after the store is back and before the owner's next heartbeat
+        // takes over a claim whose completion is still being retried, and runs it again.
+        workers.push(new Engine({ store, leaseMs: LEASE_MS, storeTimeoutMs: 3_000, sessions: { ttlMs: SESSION_TTL_MS } }));
       }
       workloads.push({
         w: { name, executions: new Map(), answers: {}, settled: {}, trace: new Map(), keys: 0, gaveUp: 0 },
